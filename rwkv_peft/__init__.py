@@ -1,0 +1,15 @@
+"""rwkv-peft: fine-tuning for RWKV language models (LoRA, state tuning, quantized bases, recipes).
+
+Importing the package registers the RWKV-7 classes with transformers' Auto classes.
+"""
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from .models.rwkv7 import RWKV7Config, RWKV7ForCausalLM, RWKV7Model
+
+__version__ = "0.1.0"
+
+AutoConfig.register(RWKV7Config.model_type, RWKV7Config, exist_ok=True)
+AutoModel.register(RWKV7Config, RWKV7Model, exist_ok=True)
+AutoModelForCausalLM.register(RWKV7Config, RWKV7ForCausalLM, exist_ok=True)
+
+__all__ = ["RWKV7Config", "RWKV7Model", "RWKV7ForCausalLM", "__version__"]

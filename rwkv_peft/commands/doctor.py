@@ -1,0 +1,36 @@
+"""rwkv-peft doctor"""
+import platform
+
+HELP = "print the versions, devices and the WKV kernel path in use, and why"
+
+
+def add_arguments(p):
+    p.add_argument("--build", action="store_true", help="build the CUDA kernel now if it can be used")
+
+
+def run(args) -> int:
+    import torch
+    import transformers
+    import peft
+
+    from .. import __version__
+    from ..ops.wkv7 import select_backend
+
+    print(f"rwkv-peft {__version__}  python {platform.python_version()}  torch {torch.__version__}  "
+          f"transformers {transformers.__version__}  peft {peft.__version__}")
+    cuda = torch.cuda.is_available()
+    print(f"CUDA available: {cuda}" + (f" ({torch.cuda.get_device_name(0)})" if cuda else ""))
+    for dev in (["cuda"] if cuda else []) + ["cpu"]:
+        try:
+            name, why = select_backend(torch.device(dev))
+        except RuntimeError as e:
+            name, why = "error", str(e)
+        print(f"WKV-7 path on {dev}: {name} ({why})")
+    try:
+        from ..ops import wkv7_cuda
+        describe = getattr(wkv7_cuda, "describe", None) or getattr(wkv7_cuda, "build_info", None)
+        if describe:
+            print(describe())
+    except ImportError:
+        pass
+    return 0

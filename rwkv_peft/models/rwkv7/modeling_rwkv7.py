@@ -1,0 +1,334 @@
+"""RWKV-7 "Goose" as a transformers model.
+
+Shapes: B batch, T tokens, C = hidden_size, H heads of N = head_size channels (C = H * N), V vocab.
+
+The recurrent state of one layer is ``(att_shift [B, C], wkv [B, H, N, N], ffn_shift [B, C])``, all fp32, the
+WKV state laid out ``[value, key]`` as in the official package. ``forward`` takes it (``state=``) and returns
+it, so a long sequence run in chunks gives the logits of one pass, and ``generate`` uses it as its cache.
+
+``attention_mask`` zeros mark padding anywhere in a row: a padded token leaves every state untouched (its WKV
+inputs are zeroed with decay 1, and token shift skips it), so left-padded batched prompts generate exactly as
+each prompt alone.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.utils import ModelOutput
+
+from ...ops.wkv7 import wkv7
+from .configuration_rwkv7 import RWKV7Config
+
+LayerState = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+DECAY_SCALE = math.exp(-0.5)  # the decay is exp(-exp(-0.5) * sigmoid(.)), in (0.545, 1)
+
+
+def token_shift(x: torch.Tensor, prev: Optional[torch.Tensor], mask: Optional[torch.Tensor]):
+    """The previous token's ``x`` for every position, and the last one (the next shift state).
+
+    x: [B, T, C]; prev: [B, C] or None (zeros); mask: [B, T] (1 = real token) or None.
+    Padded positions are skipped: a token sees the last *real* token before it, or ``prev``.
+    """
+    B, T, C = x.shape
+    prev = x.new_zeros(B, C) if prev is None else prev.to(x.dtype)
+    if mask is None:
+        return torch.cat([prev[:, None], x[:, :-1]], dim=1), x[:, -1]
+    xp = torch.cat([prev[:, None], x], dim=1)                                   # [B, T+1, C]
+    pos = torch.arange(1, T + 1, device=x.device).expand(B, T)
+    last_real = torch.where(mask.bool(), pos, 0).cummax(dim=1).values           # [B, T] index into xp
+    prev_idx = torch.cat([last_real.new_zeros(B, 1), last_real[:, :-1]], dim=1)
+    shifted = xp.gather(1, prev_idx[..., None].expand(B, T, C))
+    last = xp.gather(1, last_real[:, -1:, None].expand(B, 1, C))[:, 0]
+    return shifted, last
+
+
+class LowRank(nn.Module):
+    """``up(act(down(x)))``: the small low-rank maps of the time mix (w1/w2, a1/a2, v1/v2, g1/g2 in .pth)."""
+
+    def __init__(self, dim: int, rank: int):
+        super().__init__()
+        self.down = nn.Linear(dim, rank, bias=False)   # weight [rank, C] = (.pth x1).T
+        self.up = nn.Linear(rank, dim, bias=False)     # weight [C, rank] = (.pth x2).T
+
+    def forward(self, x, act=None):
+        h = self.down(x)
+        return self.up(act(h) if act is not None else h)
+
+
+class RWKV7TimeMix(nn.Module):
+    def __init__(self, config: RWKV7Config, layer_idx: int):
+        super().__init__()
+        C, H, N = config.hidden_size, config.num_heads, config.head_size
+        self.layer_idx, self.num_heads, self.head_size = layer_idx, H, N
+        for name in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "w0", "a0", "v0", "k_k", "k_a"):
+            setattr(self, name, nn.Parameter(torch.zeros(C)))
+        self.r_k = nn.Parameter(torch.zeros(H, N))
+        self.w_lora = LowRank(C, config.decay_low_rank)
+        self.a_lora = LowRank(C, config.a_low_rank)
+        self.v_lora = LowRank(C, config.v_low_rank)     # unused in layer 0 (kept for lossless conversion)
+        self.g_lora = LowRank(C, config.gate_low_rank)
+        self.receptance = nn.Linear(C, C, bias=False)
+        self.key = nn.Linear(C, C, bias=False)
+        self.value = nn.Linear(C, C, bias=False)
+        self.output = nn.Linear(C, C, bias=False)
+        self.ln_x = nn.GroupNorm(H, C, eps=config.head_norm_eps)
+        self.time_state = nn.Parameter(torch.zeros(H, N, N)) if config.use_initial_state else None
+
+    def forward(self, x, v_first, shift: Optional[torch.Tensor], wkv_state: Optional[torch.Tensor],
+                mask: Optional[torch.Tensor]):
+        B, T, C = x.shape
+        H, N = self.num_heads, self.head_size
+        x_prev, shift_out = token_shift(x, shift, mask)
+        xx = x_prev - x
+        xr, xw, xk, xv, xa, xg = (x + xx * m for m in (self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g))
+
+        r = self.receptance(xr)
+        w = -DECAY_SCALE * torch.sigmoid((self.w0 + self.w_lora(xw, torch.tanh)).float())  # log decay, fp32
+        k = self.key(xk)
+        v = self.value(xv)
+        a = torch.sigmoid(self.a0 + self.a_lora(xa))
+        g = self.g_lora(xg, torch.sigmoid)
+
+        kk = F.normalize((k * self.k_k).view(B, T, H, N), dim=-1, p=2.0)           # [B, T, H, N]
+        k = k * (1 + (a - 1) * self.k_a)
+        if self.layer_idx == 0:
+            v_first = v
+        else:
+            v = v + (v_first - v) * torch.sigmoid(self.v0 + self.v_lora(xv))
+
+        if wkv_state is None and self.time_state is not None:
+            wkv_state = self.time_state                                              # [H, N, N], learned
+        heads = lambda t: t.reshape(B, T, H, N)  # noqa: E731
+        kw, vw, ww, kkw = k, v, w, kk
+        if mask is not None:  # padding leaves the state untouched: no write, no decay, no delta
+            m = mask.to(k.dtype)[..., None]
+            kw, vw, ww, kkw = k * m, v * m, w * m.float(), kk * m[..., None]
+        o, wkv_out = wkv7(heads(r), heads(ww).to(r.dtype) if r.dtype != torch.float32 else heads(ww),
+                          heads(kw), heads(vw), -kkw, kkw * heads(a), initial_state=wkv_state)
+
+        o = self.ln_x(o.reshape(B * T, C)).view(B, T, C)
+        bonus = (heads(r) * heads(k) * self.r_k).sum(dim=-1, keepdim=True) * heads(v)  # [B, T, H, N]
+        o = o + bonus.reshape(B, T, C)
+        return self.output(o * g), v_first, shift_out, wkv_out
+
+
+class RWKV7ChannelMix(nn.Module):
+    def __init__(self, config: RWKV7Config, layer_idx: int):
+        super().__init__()
+        C = config.hidden_size
+        self.layer_idx = layer_idx
+        self.x_k = nn.Parameter(torch.zeros(C))
+        self.key = nn.Linear(C, config.intermediate_size, bias=False)
+        self.value = nn.Linear(config.intermediate_size, C, bias=False)
+
+    def forward(self, x, shift: Optional[torch.Tensor], mask: Optional[torch.Tensor]):
+        x_prev, shift_out = token_shift(x, shift, mask)
+        k = torch.relu(self.key(x + (x_prev - x) * self.x_k)) ** 2
+        return self.value(k), shift_out
+
+
+class RWKV7Block(GradientCheckpointingLayer):
+    def __init__(self, config: RWKV7Config, layer_idx: int):
+        super().__init__()
+        C, eps = config.hidden_size, config.layer_norm_eps
+        self.ln1 = nn.LayerNorm(C, eps=eps)
+        self.ln2 = nn.LayerNorm(C, eps=eps)
+        self.att = RWKV7TimeMix(config, layer_idx)
+        self.ffn = RWKV7ChannelMix(config, layer_idx)
+
+    def forward(self, x, v_first, state: Optional[LayerState] = None, mask: Optional[torch.Tensor] = None):
+        att_shift, wkv_state, ffn_shift = state if state is not None else (None, None, None)
+        dx, v_first, att_shift, wkv_state = self.att(self.ln1(x), v_first, att_shift, wkv_state, mask)
+        x = x + dx
+        dx, ffn_shift = self.ffn(self.ln2(x), ffn_shift, mask)
+        x = x + dx
+        return x, v_first, (att_shift.float(), wkv_state, ffn_shift.float())
+
+
+@dataclass
+class RWKV7Output(ModelOutput):
+    last_hidden_state: Optional[torch.FloatTensor] = None
+    state: Optional[List[LayerState]] = None
+    hidden_states: Optional[Tuple[torch.FloatTensor, ...]] = None
+
+
+@dataclass
+class RWKV7CausalLMOutput(ModelOutput):
+    loss: Optional[torch.FloatTensor] = None
+    logits: Optional[torch.FloatTensor] = None
+    state: Optional[List[LayerState]] = None
+    hidden_states: Optional[Tuple[torch.FloatTensor, ...]] = None
+
+
+class RWKV7PreTrainedModel(PreTrainedModel):
+    config_class = RWKV7Config
+    config: RWKV7Config
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["RWKV7Block"]
+    _is_stateful = True
+    _keys_to_ignore_on_load_missing = [r"att\.time_state"]
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        """Random init in the spirit of the official training code (used by ``from_config``)."""
+        cfg = self.config
+        if isinstance(module, RWKV7TimeMix):
+            L, i, C = cfg.num_hidden_layers, module.layer_idx, cfg.hidden_size
+            r01 = i / max(L - 1, 1)
+            r1a0 = 1.0 - i / L
+            ddd = torch.arange(C, dtype=torch.float32) / C
+            module.x_r.copy_(1.0 - ddd ** (0.2 * r1a0))
+            module.x_w.copy_(1.0 - ddd ** (0.9 * r1a0))
+            module.x_k.copy_(1.0 - ddd ** (0.7 * r1a0))
+            module.x_v.copy_(1.0 - ddd ** (0.7 * r1a0))
+            module.x_a.copy_(1.0 - ddd ** (0.9 * r1a0))
+            module.x_g.copy_(1.0 - ddd ** (0.2 * r1a0))
+            n = torch.arange(C, dtype=torch.float32)
+            module.w0.copy_(-6 + 5 * (n / (C - 1)) ** (1 + r01 ** 0.3) + 0.5)
+            module.a0.fill_(0.0)
+            module.v0.fill_(1.0)
+            module.k_k.fill_(0.85)
+            module.k_a.fill_(1.0)
+            module.r_k.fill_(-0.04)
+            for lora in (module.w_lora, module.a_lora, module.v_lora, module.g_lora):
+                nn.init.zeros_(lora.down.weight)
+                nn.init.orthogonal_(lora.up.weight, gain=0.1)
+            for lin in (module.receptance, module.key, module.value):
+                nn.init.uniform_(lin.weight, -0.5 / C ** 0.5, 0.5 / C ** 0.5)
+            nn.init.zeros_(module.output.weight)
+            module.ln_x.weight.fill_(((1 + i) / L) ** 0.7)
+            module.ln_x.bias.zero_()
+            if module.time_state is not None:
+                module.time_state.zero_()
+        elif isinstance(module, RWKV7ChannelMix):
+            C = cfg.hidden_size
+            r1a0 = 1.0 - module.layer_idx / cfg.num_hidden_layers
+            ddd = torch.arange(C, dtype=torch.float32) / C
+            module.x_k.copy_(1.0 - ddd ** (r1a0 ** 4))
+            nn.init.uniform_(module.key.weight, -0.5 / C ** 0.5, 0.5 / C ** 0.5)
+            nn.init.zeros_(module.value.weight)
+        elif isinstance(module, nn.Embedding):
+            nn.init.uniform_(module.weight, -1e-4, 1e-4)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Linear) and module.weight.shape[0] == cfg.vocab_size:
+            scale = 0.5 * math.sqrt(cfg.vocab_size / cfg.hidden_size) if cfg.vocab_size > cfg.hidden_size else 0.5
+            nn.init.orthogonal_(module.weight, gain=scale)
+
+
+class RWKV7Model(RWKV7PreTrainedModel):
+    def __init__(self, config: RWKV7Config):
+        super().__init__(config)
+        C = config.hidden_size
+        self.emb = nn.Embedding(config.vocab_size, C)
+        self.ln0 = nn.LayerNorm(C, eps=config.layer_norm_eps)
+        self.blocks = nn.ModuleList([RWKV7Block(config, i) for i in range(config.num_hidden_layers)])
+        self.ln_out = nn.LayerNorm(C, eps=config.layer_norm_eps)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.emb
+
+    def set_input_embeddings(self, value):
+        self.emb = value
+
+    def init_state(self, batch_size: int, device=None) -> List[LayerState]:
+        """The state a sequence starts from: zeros, or the learned initial WKV state where there is one."""
+        cfg, device = self.config, device or self.emb.weight.device
+        C, H, N = cfg.hidden_size, cfg.num_heads, cfg.head_size
+        state = []
+        for block in self.blocks:
+            ts = block.att.time_state
+            wkv = (ts.detach().float().expand(batch_size, H, N, N).clone() if ts is not None
+                   else torch.zeros(batch_size, H, N, N, device=device))
+            state.append((torch.zeros(batch_size, C, device=device), wkv.to(device),
+                          torch.zeros(batch_size, C, device=device)))
+        return state
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, state=None, use_cache=None,
+                output_hidden_states=None, return_dict=None, **kwargs):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if inputs_embeds is None:
+            inputs_embeds = self.emb(input_ids)
+        if state is not None and len(state) != len(self.blocks):
+            raise ValueError(f"state has {len(state)} layers; the model has {len(self.blocks)}")
+        mask = None
+        if attention_mask is not None and not bool(attention_mask.all()):
+            mask = attention_mask
+
+        x = self.ln0(inputs_embeds)                                                  # [B, T, C]
+        v_first = torch.empty_like(x)
+        all_hidden = (x,) if output_hidden_states else None
+        new_state = []
+        for i, block in enumerate(self.blocks):
+            x, v_first, layer_state = block(x, v_first, state=None if state is None else state[i], mask=mask)
+            new_state.append(layer_state)
+            if output_hidden_states and i < len(self.blocks) - 1:
+                all_hidden += (x,)
+        x = self.ln_out(x)
+        if output_hidden_states:
+            all_hidden += (x,)
+        out_state = new_state if (use_cache or state is not None) else None
+        if not return_dict:
+            return tuple(t for t in (x, out_state, all_hidden) if t is not None)
+        return RWKV7Output(last_hidden_state=x, state=out_state, hidden_states=all_hidden)
+
+
+class RWKV7ForCausalLM(RWKV7PreTrainedModel, GenerationMixin):
+    def __init__(self, config: RWKV7Config):
+        super().__init__(config)
+        self.model = RWKV7Model(config)
+        self.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_output_embeddings(self):
+        return self.head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.head = new_embeddings
+
+    def init_state(self, batch_size: int, device=None) -> List[LayerState]:
+        return self.model.init_state(batch_size, device)
+
+    def prepare_inputs_for_generation(self, input_ids, state=None, inputs_embeds=None, attention_mask=None,
+                                      use_cache=None, **kwargs):
+        # The state holds the whole prefix: after the prefill only the newest token is fed.
+        if state is not None:
+            return {"input_ids": input_ids[:, -1:], "state": state, "use_cache": True}
+        if inputs_embeds is not None:
+            return {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask, "use_cache": True}
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": True}
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, state=None, labels=None,
+                use_cache=None, output_hidden_states=None, return_dict=None, logits_to_keep=0, **kwargs):
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                         state=state, use_cache=use_cache, output_hidden_states=output_hidden_states,
+                         return_dict=True)
+        hidden = out.last_hidden_state
+        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            hidden = hidden[:, -logits_to_keep:]
+        elif isinstance(logits_to_keep, torch.Tensor):
+            hidden = hidden[:, logits_to_keep]
+        logits = self.head(hidden)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        if not return_dict:
+            rest = tuple(t for t in (logits, out.state, out.hidden_states) if t is not None)
+            return ((loss,) + rest) if loss is not None else rest
+        return RWKV7CausalLMOutput(loss=loss, logits=logits, state=out.state, hidden_states=out.hidden_states)

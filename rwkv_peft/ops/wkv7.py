@@ -1,0 +1,179 @@
+"""The RWKV-7 WKV recurrence ("generalized delta rule"): a plain reference, a chunked form, and the dispatch.
+
+Per head, with the state ``S`` laid out ``[value, key]`` (the official package's v7 layout):
+
+    S_t = S_{t-1} @ (diag(exp(w_t)) + a_t b_t^T) + v_t k_t^T        S: [N, N]
+    o_t = S_t @ r_t                                                  o: [N]
+
+``w`` is the log of the per-channel decay (``w <= 0``); in the model ``a = -kk`` and ``b = kk * a_gate``.
+
+Every function here takes ``r, w, k, v, a, b`` shaped ``[B, T, H, N]`` and an optional initial state
+``[B, H, N, N]`` (or ``[H, N, N]`` shared by the batch), and returns ``(o [B, T, H, N], final_state
+[B, H, N, N])``. The state is always fp32 (fp64 when the inputs are fp64); ``o`` has the dtype of ``r``.
+All of them are differentiable with respect to every input, the initial state included.
+
+Paths:
+- ``wkv7_recurrent``: one step at a time; slow, obviously right; the oracle for the others.
+- ``wkv7_chunked``: the same sums regrouped in chunks (a WY-style form); the fast path on CPU.
+- the CUDA kernel (``rwkv_peft.ops.wkv7_cuda``) where it is available.
+``wkv7`` chooses between them; ``RWKV_PEFT_KERNEL=torch|cuda|auto`` (read at call time) forces a path.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+import torch
+
+Tensor = torch.Tensor
+
+KERNEL_ENV = "RWKV_PEFT_KERNEL"
+_BACKENDS = ("auto", "torch", "cuda")
+
+
+def _state_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _initial_state(s0: Optional[Tensor], B: int, H: int, N: int, like: Tensor) -> Tensor:
+    dtype = _state_dtype(like)
+    if s0 is None:
+        return torch.zeros(B, H, N, N, dtype=dtype, device=like.device)
+    if s0.dim() == 3:  # [H, N, N] shared by the batch (state tuning)
+        s0 = s0.unsqueeze(0).expand(B, H, N, N)
+    if tuple(s0.shape) != (B, H, N, N):
+        raise ValueError(f"initial_state has shape {tuple(s0.shape)}; expected {(B, H, N, N)} or {(H, N, N)}")
+    return s0.to(dtype)
+
+
+def _check_inputs(r, w, k, v, a, b) -> Tuple[int, int, int, int]:
+    shape = r.shape
+    if r.dim() != 4:
+        raise ValueError(f"r must be [B, T, H, N]; got shape {tuple(shape)}")
+    for name, x in zip("wkvab", (w, k, v, a, b)):
+        if x.shape != shape:
+            raise ValueError(f"{name} has shape {tuple(x.shape)}; expected {tuple(shape)} like r")
+    return tuple(shape)  # type: ignore[return-value]
+
+
+def wkv7_recurrent(r, w, k, v, a, b, initial_state: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """Reference: the recurrence one token at a time, in fp32 (fp64 for fp64 inputs)."""
+    B, T, H, N = _check_inputs(r, w, k, v, a, b)
+    in_dtype, dt = r.dtype, _state_dtype(r)
+    S = _initial_state(initial_state, B, H, N, r)                      # [B, H, Nv, Nk]
+    r, w, k, v, a, b = (x.to(dt) for x in (r, w, k, v, a, b))
+    decay = torch.exp(w)
+    outs = []
+    for t in range(T):
+        Sa = torch.einsum("bhvk,bhk->bhv", S, a[:, t])                 # S a      [B, H, Nv]
+        S = (S * decay[:, t, :, None, :]
+             + Sa[..., :, None] * b[:, t, :, None, :]                  # (S a) b^T
+             + v[:, t, :, :, None] * k[:, t, :, None, :])              # v k^T
+        outs.append(torch.einsum("bhvk,bhk->bhv", S, r[:, t]))
+    o = torch.stack(outs, dim=1) if outs else r.new_zeros(B, 0, H, N, dtype=dt)
+    return o.to(in_dtype), S
+
+
+def wkv7_chunked(r, w, k, v, a, b, initial_state: Optional[Tensor] = None,
+                 chunk_size: int = 16) -> Tuple[Tensor, Tensor]:
+    """The recurrence regrouped in chunks of ``chunk_size`` tokens.
+
+    Within a chunk write ``u_t = S_{t-1} a_t``, so ``S_t = S_{t-1} diag(d_t) + u_t b_t^T + v_t k_t^T``: the
+    low-rank part becomes a second "value" ``u`` written with key ``b``. With ``G_t`` the cumulative decay
+    inside the chunk, every term then carries a factor ``G_t / G_s`` (s <= t), computed as
+    ``exp(log G_t - log G_s) <= 1`` so nothing overflows however small the decays are. The ``u`` of a chunk
+    solve a unit lower-triangular system; only the chunk-to-chunk state update runs sequentially.
+    """
+    B, T, H, N = _check_inputs(r, w, k, v, a, b)
+    in_dtype = r.dtype
+    dt = _state_dtype(r)
+    S = _initial_state(initial_state, B, H, N, r)
+    L = chunk_size
+    pad = (-T) % L
+    xs = [x.to(dt) for x in (r, w, k, v, a, b)]
+    if pad:  # zero inputs with zero log-decay leave the state untouched
+        xs = [torch.nn.functional.pad(x, (0, 0, 0, 0, 0, pad)) for x in xs]
+    n = (T + pad) // L
+    # [B, T, H, N] -> [B, H, n, L, N]
+    r, w, k, v, a, b = (x.view(B, n, L, H, N).permute(0, 3, 1, 2, 4) for x in xs)
+
+    g = torch.cumsum(w, dim=3)                                          # log G_t (inclusive)  [B,H,n,L,N]
+    g_prev = g - w                                                      # log G_{t-1}
+    tri_strict = torch.ones(L, L, dtype=torch.bool, device=r.device).tril(-1)  # s < t
+    tri_incl = torch.ones(L, L, dtype=torch.bool, device=r.device).tril()      # s <= t
+
+    def pair(x, gx, y, mask):
+        # sum_c x[t,c] y[s,c] exp(gx[t,c] - g[s,c]) for (t, s) in mask          -> [B,H,n,L,L]
+        diff = gx.unsqueeze(-2) - g.unsqueeze(-3)                         # [B,H,n,L(t),L(s),N]
+        diff = diff.masked_fill(~mask[:, :, None], float("-inf"))
+        return torch.einsum("...tc,...sc,...tsc->...ts", x, y, torch.exp(diff))
+
+    A_ab = pair(a, g_prev, b, tri_strict)                               # u_s -> u_t
+    A_ak = pair(a, g_prev, k, tri_strict)                               # v_s -> u_t
+    Q_b = pair(r, g, b, tri_incl)                                       # u_s -> o_t
+    Q_k = pair(r, g, k, tri_incl)                                       # v_s -> o_t
+
+    eye = torch.eye(L, dtype=dt, device=r.device)
+    IA = eye - A_ab                                                     # unit lower triangular
+    a_dec = a * torch.exp(g_prev)                                       # S_0 -> u_t   [B,H,n,L,N]
+    r_dec = r * torch.exp(g)                                            # S_0 -> o_t
+    W = torch.linalg.solve_triangular(IA, a_dec, upper=False, unitriangular=True)     # u = W S0^T + U_loc
+    U_loc = torch.linalg.solve_triangular(IA, A_ak @ v, upper=False, unitriangular=True)
+    O_loc = Q_k @ v                                                     # [B,H,n,L,Nv]
+    g_last = g[..., -1:, :]                                             # log G_L  [B,H,n,1,N]
+    b_end = b * torch.exp(g_last - g)                                   # written keys decayed to chunk end
+    k_end = k * torch.exp(g_last - g)
+    d_end = torch.exp(g_last.squeeze(-2))                               # [B,H,n,N]
+
+    outs = []
+    for i in range(n):
+        U = W[:, :, i] @ S.transpose(-1, -2) + U_loc[:, :, i]           # [B,H,L,Nv]
+        outs.append(r_dec[:, :, i] @ S.transpose(-1, -2) + Q_b[:, :, i] @ U + O_loc[:, :, i])
+        S = (S * d_end[:, :, i, None, :]
+             + U.transpose(-1, -2) @ b_end[:, :, i]
+             + v[:, :, i].transpose(-1, -2) @ k_end[:, :, i])
+    o = torch.stack(outs, dim=2)                                        # [B,H,n,L,N]
+    o = o.permute(0, 2, 3, 1, 4).reshape(B, n * L, H, N)[:, :T]
+    return o.to(in_dtype), S
+
+
+def _requested_backend(backend: Optional[str]) -> str:
+    choice = (backend or os.environ.get(KERNEL_ENV) or "auto").lower()
+    if choice not in _BACKENDS:
+        raise ValueError(f"{KERNEL_ENV}={choice!r} is not a WKV backend; expected one of {_BACKENDS}")
+    return choice
+
+
+def select_backend(device: torch.device, backend: Optional[str] = None) -> Tuple[str, str]:
+    """Which path ``wkv7`` takes on ``device`` and why: ``(name, reason)``."""
+    choice = _requested_backend(backend)
+    if choice == "torch":
+        return "torch", f"forced by {KERNEL_ENV}=torch" if backend is None else "forced by backend='torch'"
+    if device.type != "cuda":
+        if choice == "cuda":
+            raise RuntimeError(f"{KERNEL_ENV}=cuda was requested but the tensors are on {device}")
+        return "torch", f"tensors on {device.type}"
+    try:
+        from . import wkv7_cuda
+    except ImportError as e:  # the CUDA path has not been installed with this package
+        if choice == "cuda":
+            raise RuntimeError(f"the CUDA WKV-7 kernel is not available: {e}") from e
+        return "torch", f"CUDA kernel module missing ({e})"
+    ok, reason = wkv7_cuda.is_available()
+    if ok:
+        return "cuda", reason
+    if choice == "cuda":
+        raise RuntimeError(f"{KERNEL_ENV}=cuda was requested but the kernel cannot be used: {reason}")
+    return "torch", reason
+
+
+def wkv7(r, w, k, v, a, b, initial_state: Optional[Tensor] = None,
+         backend: Optional[str] = None, chunk_size: int = 16) -> Tuple[Tensor, Tensor]:
+    """The WKV-7 recurrence on the fastest path available (see the module docstring)."""
+    name, _ = select_backend(r.device, backend)
+    if name == "cuda":
+        from . import wkv7_cuda
+        return wkv7_cuda.wkv7_cuda(r, w, k, v, a, b, initial_state)
+    if r.shape[1] == 1:  # one token (generation): the recurrence is the cheapest form
+        return wkv7_recurrent(r, w, k, v, a, b, initial_state)
+    return wkv7_chunked(r, w, k, v, a, b, initial_state, chunk_size=chunk_size)
