@@ -30,26 +30,26 @@ WEIGHTS_NAME = "model.safetensors"
 
 @contextmanager
 def atomic_path(dst: os.PathLike, is_dir: bool = False):
-    """Yield a temporary path beside ``dst``; on success it replaces ``dst``, on error it is removed."""
+    """Yield a temporary path beside ``dst``; on success it replaces ``dst``, on error it is removed.
+
+    A file is written as ``<hidden temp folder>/<dst name>`` (torch.save stores the file's name inside the
+    archive, so this keeps the bytes those of a direct save), then renamed over ``dst``.
+    """
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent)) if is_dir else \
-        dst.parent / f".{dst.name}.tmp-{os.getpid()}"
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    tmp = tmp_dir if is_dir else tmp_dir / dst.name
     try:
         yield tmp
         if is_dir and dst.exists():
-            old = dst.parent / f".{dst.name}.old-{os.getpid()}"
-            os.replace(dst, old)
+            old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
+            os.replace(dst, old / dst.name)
             os.replace(tmp, dst)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, dst)
-    except BaseException:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        elif tmp.exists():
-            tmp.unlink()
-        raise
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
 def save_pth(sd: StateDict, path: os.PathLike) -> None:

@@ -39,7 +39,7 @@ def _initial_state(s0: Optional[Tensor], B: int, H: int, N: int, like: Tensor) -
     dtype = _state_dtype(like)
     if s0 is None:
         return torch.zeros(B, H, N, N, dtype=dtype, device=like.device)
-    if s0.dim() == 3:  # [H, N, N] shared by the batch (state tuning)
+    if tuple(s0.shape) == (H, N, N):  # shared by the batch (state tuning); its gradient sums over the batch
         s0 = s0.unsqueeze(0).expand(B, H, N, N)
     if tuple(s0.shape) != (B, H, N, N):
         raise ValueError(f"initial_state has shape {tuple(s0.shape)}; expected {(B, H, N, N)} or {(H, N, N)}")

@@ -167,6 +167,31 @@ class RWKV7CausalLMOutput(ModelOutput):
     hidden_states: Optional[Tuple[torch.FloatTensor, ...]] = None
 
 
+def _ce_sum(head: nn.Module, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(h).float(), y, ignore_index=-100, reduction="sum")
+
+
+def chunked_causal_lm_loss(hidden, head: nn.Module, labels, chunk_size: int = 1024, num_items_in_batch=None):
+    """Mean next-token cross-entropy over labels != -100, never holding more than ``chunk_size`` rows of logits.
+
+    hidden: [B, T, C]; labels: [B, T] (unshifted). Each chunk's logits are recomputed in the backward.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    C = hidden.shape[-1]
+    h = hidden[:, :-1].reshape(-1, C)                                            # [B*(T-1), C]
+    y = labels[:, 1:].reshape(-1).to(hidden.device)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for s in range(0, h.shape[0], chunk_size):
+        ys = y[s:s + chunk_size]
+        if bool((ys != -100).any()):
+            total = total + checkpoint(_ce_sum, head, h[s:s + chunk_size], ys, use_reentrant=False)
+    count = num_items_in_batch if num_items_in_batch is not None else (y != -100).sum()
+    if isinstance(count, torch.Tensor):
+        count = count.to(total.device)
+    return total / (count.clamp_min(1) if isinstance(count, torch.Tensor) else max(int(count), 1))
+
+
 class RWKV7PreTrainedModel(PreTrainedModel):
     config_class = RWKV7Config
     config: RWKV7Config
@@ -314,12 +339,25 @@ class RWKV7ForCausalLM(RWKV7PreTrainedModel, GenerationMixin):
         return {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": True}
 
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, state=None, labels=None,
-                use_cache=None, output_hidden_states=None, return_dict=None, logits_to_keep=0, **kwargs):
+                use_cache=None, output_hidden_states=None, return_dict=None, logits_to_keep=0,
+                return_logits: bool = True, loss_chunk_size: int = 1024, **kwargs):
+        """``labels`` are shifted inside (``labels = input_ids`` works; -100 is ignored).
+
+        ``return_logits=False`` with ``labels`` computes the loss ``loss_chunk_size`` tokens at a time and
+        recomputes each chunk's logits in the backward, so the ``[B, T, V]`` logits (V = 65536) never exist at
+        once; ``logits`` is then None. Training uses this.
+        """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
                          state=state, use_cache=use_cache, output_hidden_states=output_hidden_states,
                          return_dict=True)
         hidden = out.last_hidden_state
+        if labels is not None and not return_logits:
+            loss = chunked_causal_lm_loss(hidden, self.head, labels, loss_chunk_size,
+                                          kwargs.get("num_items_in_batch"))
+            if not return_dict:
+                return tuple(t for t in (loss, out.state, out.hidden_states) if t is not None)
+            return RWKV7CausalLMOutput(loss=loss, logits=None, state=out.state, hidden_states=out.hidden_states)
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
             hidden = hidden[:, -logits_to_keep:]
         elif isinstance(logits_to_keep, torch.Tensor):
