@@ -29,6 +29,7 @@ Tensor = torch.Tensor
 
 KERNEL_ENV = "RWKV_PEFT_KERNEL"
 _BACKENDS = ("auto", "torch", "cuda")
+MAX_CHUNK_LOG_DECAY = 60.0  # above this total log-decay in a chunk the chunked form switches to pairwise exponents
 
 
 def _state_dtype(x: Tensor) -> torch.dtype:
@@ -65,11 +66,9 @@ def wkv7_recurrent(r, w, k, v, a, b, initial_state: Optional[Tensor] = None) -> 
     decay = torch.exp(w)
     outs = []
     for t in range(T):
-        Sa = torch.einsum("bhvk,bhk->bhv", S, a[:, t])                 # S a      [B, H, Nv]
-        S = (S * decay[:, t, :, None, :]
-             + Sa[..., :, None] * b[:, t, :, None, :]                  # (S a) b^T
-             + v[:, t, :, :, None] * k[:, t, :, None, :])              # v k^T
-        outs.append(torch.einsum("bhvk,bhk->bhv", S, r[:, t]))
+        at, bt, kt = a[:, t, :, :, None], b[:, t, :, None, :], k[:, t, :, None, :]   # [B,H,N,1] / [B,H,1,N]
+        S = S * decay[:, t, :, None, :] + (S @ at) @ bt + v[:, t, :, :, None] @ kt   # S diag(d) + (S a) b^T + v k^T
+        outs.append((S @ r[:, t, :, :, None]).squeeze(-1))                           # S r   [B, H, Nv]
     o = torch.stack(outs, dim=1) if outs else r.new_zeros(B, 0, H, N, dtype=dt)
     return o.to(in_dtype), S
 
@@ -102,23 +101,29 @@ def wkv7_chunked(r, w, k, v, a, b, initial_state: Optional[Tensor] = None,
     tri_strict = torch.ones(L, L, dtype=torch.bool, device=r.device).tril(-1)  # s < t
     tri_incl = torch.ones(L, L, dtype=torch.bool, device=r.device).tril()      # s <= t
 
-    def pair(x, gx, y, mask):
-        # sum_c x[t,c] y[s,c] exp(gx[t,c] - g[s,c]) for (t, s) in mask          -> [B,H,n,L,L]
-        diff = gx.unsqueeze(-2) - g.unsqueeze(-3)                         # [B,H,n,L(t),L(s),N]
-        diff = diff.masked_fill(~mask[:, :, None], float("-inf"))
-        return torch.einsum("...tc,...sc,...tsc->...ts", x, y, torch.exp(diff))
+    if bool(g[..., -1, :].min() > -MAX_CHUNK_LOG_DECAY):
+        # exp(gx_t - g_s) = exp(gx_t) * exp(-g_s): plain matmuls; both factors stay inside fp32's range
+        e_neg = torch.exp(-g)
+
+        def pair(x, gx, y, mask):  # sum_c x[t,c] y[s,c] exp(gx[t,c] - g[s,c]) for (t, s) in mask -> [B,H,n,L,L]
+            return ((x * torch.exp(gx)) @ (y * e_neg).transpose(-1, -2)).masked_fill(~mask, 0.0)
+    else:
+        # decays so small that exp(-g) would overflow: take the exponent of each difference (<= 0) instead
+        def pair(x, gx, y, mask):
+            diff = gx.unsqueeze(-2) - g.unsqueeze(-3)                     # [B,H,n,L(t),L(s),N]
+            diff = diff.masked_fill(~mask[:, :, None], float("-inf"))
+            return torch.einsum("...tc,...sc,...tsc->...ts", x, y, torch.exp(diff))
 
     A_ab = pair(a, g_prev, b, tri_strict)                               # u_s -> u_t
     A_ak = pair(a, g_prev, k, tri_strict)                               # v_s -> u_t
     Q_b = pair(r, g, b, tri_incl)                                       # u_s -> o_t
     Q_k = pair(r, g, k, tri_incl)                                       # v_s -> o_t
 
-    eye = torch.eye(L, dtype=dt, device=r.device)
-    IA = eye - A_ab                                                     # unit lower triangular
+    inv = _unit_lower_inverse(A_ab)                                     # (I - A_ab)^-1
     a_dec = a * torch.exp(g_prev)                                       # S_0 -> u_t   [B,H,n,L,N]
     r_dec = r * torch.exp(g)                                            # S_0 -> o_t
-    W = torch.linalg.solve_triangular(IA, a_dec, upper=False, unitriangular=True)     # u = W S0^T + U_loc
-    U_loc = torch.linalg.solve_triangular(IA, A_ak @ v, upper=False, unitriangular=True)
+    W = inv @ a_dec                                                     # u = W S0^T + U_loc
+    U_loc = inv @ (A_ak @ v)
     O_loc = Q_k @ v                                                     # [B,H,n,L,Nv]
     g_last = g[..., -1:, :]                                             # log G_L  [B,H,n,1,N]
     b_end = b * torch.exp(g_last - g)                                   # written keys decayed to chunk end
@@ -135,6 +140,21 @@ def wkv7_chunked(r, w, k, v, a, b, initial_state: Optional[Tensor] = None,
     o = torch.stack(outs, dim=2)                                        # [B,H,n,L,N]
     o = o.permute(0, 2, 3, 1, 4).reshape(B, n * L, H, N)[:, :T]
     return o.to(in_dtype), S
+
+
+def _unit_lower_inverse(A: Tensor) -> Tensor:
+    """(I - A)^-1 for strictly lower-triangular A [..., L, L]: (I + A)(I + A^2)(I + A^4)... (A^L = 0).
+
+    log2(L) small batched matmuls; much faster on CPU than a batched triangular solve.
+    """
+    L = A.shape[-1]
+    inv = torch.eye(L, dtype=A.dtype, device=A.device) + A
+    power, span = A, 2
+    while span < L:
+        power = power @ power
+        inv = inv + inv @ power
+        span *= 2
+    return inv
 
 
 def _requested_backend(backend: Optional[str]) -> str:

@@ -110,8 +110,8 @@ class RWKV7TimeMix(nn.Module):
         if mask is not None:  # padding leaves the state untouched: no write, no decay, no delta
             m = mask.to(k.dtype)[..., None]
             kw, vw, ww, kkw = k * m, v * m, w * m.float(), kk * m[..., None]
-        o, wkv_out = wkv7(heads(r), heads(ww).to(r.dtype) if r.dtype != torch.float32 else heads(ww),
-                          heads(kw), heads(vw), -kkw, kkw * heads(a), initial_state=wkv_state)
+        # w stays fp32 (a bf16 log-decay compounds its rounding over the sequence); the op casts what it needs
+        o, wkv_out = wkv7(heads(r), heads(ww), heads(kw), heads(vw), -kkw, kkw * heads(a), initial_state=wkv_state)
 
         o = self.ln_x(o.reshape(B * T, C)).view(B, T, C)
         bonus = (heads(r) * heads(k) * self.r_k).sum(dim=-1, keepdim=True) * heads(v)  # [B, T, H, N]
