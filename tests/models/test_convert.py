@@ -158,3 +158,15 @@ def test_failed_conversion_keeps_the_existing_destination(tmp_path):
         convert(tmp_path / "bad.pth", tmp_path / "hf")
     assert (tmp_path / "hf" / "model.safetensors").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.pth", "hf", "m.pth"]
+
+
+def test_world_vocab_folder_ships_the_tokenizer(tmp_path):
+    from transformers import AutoTokenizer
+
+    from rwkv_peft import RWKVWorldTokenizer
+    torch.save(make_blinkdl_v7(vocab=65536, width=64, layers=1), tmp_path / "m.pth")
+    convert(tmp_path / "m.pth", tmp_path / "hf")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert isinstance(tok, RWKVWorldTokenizer) and tok.eos_token_id == 0
+    text = "User: 你好 🌍\n\nAssistant:"
+    assert tok.decode(tok(text).input_ids) == text
