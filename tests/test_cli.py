@@ -37,3 +37,24 @@ def test_generate_from_pth_is_deterministic_greedy(tmp_path, capsys):
     assert capsys.readouterr().out == first
     assert main(["generate", str(tmp_path / "missing.pth"), "--prompt", "x"]) == 2
     assert "missing.pth" in capsys.readouterr().err
+
+
+def test_chat_reads_turns_from_stdin_and_carries_the_state(tmp_path, capsys, monkeypatch):
+    import io
+
+    from rwkv_peft.commands.chat import Conversation
+    from rwkv_peft.commands.generate import load_for_inference
+    torch.save(make_blinkdl_v7(vocab=65536, width=64, layers=1), tmp_path / "m.pth")
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hi there\nand again\n/exit\n"))
+    assert main(["chat", str(tmp_path / "m.pth"), "--temperature", "0", "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.count("Assistant:") == 2
+
+    model, tok = load_for_inference(tmp_path / "m.pth")
+    chat = Conversation(model, tok)
+    chat.feed("User: hi")
+    split = chat.state
+    whole = model(torch.tensor([tok("User: hi").input_ids]), use_cache=True).state
+    assert all(torch.equal(a, b) for la, lb in zip(split, whole) for a, b in zip(la, lb))
+    before = [s.clone() for s in chat.state[0]]
+    "".join(chat.reply("hello", max_new_tokens=3, temperature=0))
+    assert not torch.equal(chat.state[0][1], before[1])  # the reply moved the state on
