@@ -1,0 +1,56 @@
+"""rwkv-peft merge --base BASE --adapter DIR [--adapter DIR2 --weights 0.7,0.3 --combine ties] --out OUT"""
+import sys
+
+HELP = "merge LoRA / state adapters into a base and write a .pth or Hugging Face folder"
+
+EPILOG = """\
+examples:
+  rwkv-peft merge --base rwkv7-0.4B.pth --adapter outputs/run1/adapter --out merged.pth
+  rwkv-peft merge --base base_hf/ --adapter a1/ --adapter a2/ --weights 0.7,0.3 --combine ties --out merged/
+  rwkv-peft merge --base base.pth --adapter persona.pth --out base_with_state.pth   (a runtime state file)
+
+Adapters trained on a quantized base are merged into the full-precision base given by --base (or the path
+recorded in the adapter), never into re-quantized weights. Several LoRA adapters are combined with peft's
+add_weighted_adapter (--combine); several states are summed with the same weights.
+"""
+
+
+def add_arguments(p):
+    import argparse
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = EPILOG
+    p.add_argument("--base", help="the full-precision base: BlinkDL .pth, HF or fla folder (default: the path "
+                                  "recorded in the first adapter's manifest)")
+    p.add_argument("--adapter", action="append", required=True, metavar="DIR",
+                   help="an adapter folder (LoRA and/or state) or a state file (.pth / .safetensors); repeatable")
+    p.add_argument("--weights", help="comma-separated weights, one per adapter (default: 1 for one adapter, "
+                                     "1/n each for n)")
+    p.add_argument("--combine", default="linear",
+                   help="how several LoRA adapters combine: linear, cat, svd, ties, dare_linear, dare_ties, "
+                        "magnitude_prune, ... (peft's add_weighted_adapter; default linear)")
+    p.add_argument("--density", type=float, help="fraction kept by ties / dare / magnitude_prune (default 0.5)")
+    p.add_argument("--seed", type=int, default=0, help="random seed for DARE (default 0)")
+    p.add_argument("--out", required=True, help="a file ending in .pth (BlinkDL) or a folder (Hugging Face)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the written weights (default float32: the merge is computed in float32)")
+
+
+def run(args) -> int:
+    from ..merge import merge_adapters, save_merged
+    from ..models.rwkv7.convert_rwkv7 import CheckpointError
+
+    try:
+        weights = None
+        if args.weights:
+            try:
+                weights = [float(w) for w in args.weights.split(",")]
+            except ValueError:
+                print(f"error: --weights {args.weights!r}: expected numbers separated by commas", file=sys.stderr)
+                return 2
+        model = merge_adapters(args.base, args.adapter, weights=weights, combine=args.combine,
+                               density=args.density, seed=args.seed)
+        print("merged " + ", ".join(args.adapter) + " -> " + save_merged(model, args.out, dtype=args.dtype))
+    except (CheckpointError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

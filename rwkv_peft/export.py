@@ -1,0 +1,77 @@
+"""Exports for runtimes: state adapters to the runtime state ``.pth``; merged models to ``.pth`` / HF folders.
+
+``export(src, out)`` decides from what ``src`` is:
+- an adapter folder with a state, or a state file, and ``out`` ending in ``.pth``: the runtime state file
+  ``{'blocks.N.att.time_state': [H, N, N] fp32}`` (the layout the official ``rwkv`` package's v7 state uses);
+- the same with ``out`` ending in ``.safetensors``: our self-describing state adapter;
+- an adapter folder with ``base`` given (or recorded in its manifest) and ``what="model"``: the merged model;
+- a model checkpoint (``.pth``, HF or fla folder): the model in the other layout (``rwkv_peft.convert``).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional, Union
+
+from .tuners.state_tuning import (
+    STATE_FILE, export_state_pth, load_state_any, read_state_file, save_state_file, sizes_of_states,
+)
+
+
+class ExportError(ValueError):
+    """An export that cannot be done as asked."""
+
+
+def export_state(src: Union[str, os.PathLike], out: Union[str, os.PathLike]) -> str:
+    """State adapter folder / ``.safetensors`` / runtime ``.pth`` -> runtime ``.pth`` or ``.safetensors``."""
+    src, out = Path(src), Path(out)
+    states, meta = load_state_any(src)
+    sizes = sizes_of_states(states)
+    desc = (f"{sizes['num_hidden_layers']} layers x [{sizes['num_heads']}, {sizes['head_size']}, "
+            f"{sizes['head_size']}]")
+    if out.suffix == ".pth":
+        export_state_pth(states, out)
+        return f"{src} -> {out} (runtime state .pth: blocks.N.att.time_state, {desc})"
+    if out.suffix == ".safetensors":
+        extra = {"source": str(src)}
+        save_state_file(states, out, extra=extra)
+        read_state_file(out)  # self-check of the metadata we just wrote
+        return f"{src} -> {out} (state adapter safetensors, {desc})"
+    raise ExportError(f"{out}: a state is written as a .pth (runtime) or .safetensors (state adapter) file")
+
+
+def _is_state_source(src: Path) -> bool:
+    if src.is_dir():
+        return (src / STATE_FILE).is_file()
+    if src.suffix == ".safetensors":
+        return True
+    if src.suffix == ".pth":
+        from .convert import load_pth
+        sd = load_pth(src)
+        return bool(sd) and all(k.endswith("att.time_state") for k in sd)
+    return False
+
+
+def export(src: Union[str, os.PathLike], out: Union[str, os.PathLike], what: str = "auto",
+           base: Optional[Union[str, os.PathLike]] = None, dtype: Optional[str] = None) -> str:
+    """See the module docstring. ``what``: "auto", "state" or "model"."""
+    src, out = Path(src), Path(out)
+    if not src.exists():
+        raise FileNotFoundError(f"{src}: no such file or folder")
+    if what not in ("auto", "state", "model"):
+        raise ExportError(f"what={what!r}: expected auto, state or model")
+    is_adapter = src.is_dir() and ((src / "rwkv_peft_adapter.json").is_file()
+                                   or (src / "adapter_config.json").is_file() or (src / STATE_FILE).is_file())
+    if what == "state" or (what == "auto" and base is None and _is_state_source(src)):
+        if not _is_state_source(src):
+            raise ExportError(f"{src}: holds no state to export (no {STATE_FILE}, no blocks.N.att.time_state)")
+        msg = export_state(src, out)
+        if src.is_dir() and (src / "adapter_config.json").is_file():
+            msg += " (the folder's LoRA is not part of a state file: use --what model --base BASE to merge it)"
+        return msg
+    if is_adapter:
+        from .merge import merge_adapters, save_merged
+        model = merge_adapters(base, [src], dtype="float32")
+        return "merged " + save_merged(model, out, dtype=dtype)
+    from .convert import convert
+    return convert(src, out, dtype=dtype)

@@ -1,0 +1,92 @@
+"""Publishing to the Hugging Face Hub: a model card written from what a folder holds, then one upload.
+
+The token comes from ``huggingface_hub`` (``HF_TOKEN`` or ``huggingface-cli login``); it is never printed,
+logged or written anywhere by this module.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+from huggingface_hub import ModelCard, ModelCardData
+
+ADAPTER_MANIFEST = "rwkv_peft_adapter.json"
+
+
+def describe_folder(folder: Path) -> dict:
+    """What a folder is: an adapter (LoRA / state), a merged model, or a converted model."""
+    folder = Path(folder)
+    manifest_path = folder / ADAPTER_MANIFEST
+    if manifest_path.is_file():
+        manifest = json.loads(manifest_path.read_text())
+        return {"kind": "adapter", "manifest": manifest}
+    config_path = folder / "config.json"
+    if config_path.is_file():
+        return {"kind": "model", "config": json.loads(config_path.read_text())}
+    raise FileNotFoundError(f"{folder}: neither an adapter folder ({ADAPTER_MANIFEST}) nor a model folder "
+                            f"(config.json)")
+
+
+def _recipe_text(folder: Path) -> Optional[str]:
+    for candidate in (folder / "recipe.yaml", folder.parent / "recipe.yaml"):
+        if candidate.is_file():
+            return candidate.read_text(encoding="utf-8")
+    return None
+
+
+def build_model_card(folder: Path, repo_id: str, base_model: Optional[str] = None) -> ModelCard:
+    folder = Path(folder)
+    info = describe_folder(folder)
+    tags = ["rwkv", "rwkv7", "rwkv-peft"]
+    if info["kind"] == "adapter":
+        m = info["manifest"]
+        contains = m.get("contains", {})
+        methods = [name for name, on in (("LoRA", contains.get("lora")), ("state tuning", contains.get("state"))) if on]
+        tags += ["lora"] * bool(contains.get("lora")) + ["state-tuning"] * bool(contains.get("state"))
+        base = m.get("base", {})
+        base_model = base_model or (base.get("path") if base.get("path") and "/" in str(base.get("path")) and
+                                    not Path(str(base.get("path"))).exists() else None)
+        sizes = ", ".join(f"{k} {base[k]}" for k in ("num_hidden_layers", "hidden_size", "num_heads", "head_size",
+                                                      "vocab_size") if k in base)
+        what = f"An rwkv-peft adapter ({' + '.join(methods) or 'empty'}) for an RWKV-7 base model ({sizes})."
+        usage = (
+            "```python\nimport rwkv_peft\nfrom rwkv_peft.methods import load_base_model, load_adapter\n\n"
+            f"base = load_base_model(\"<the base model: .pth or folder>\")\nmodel = load_adapter(base, \"{repo_id}\")\n```\n\n"
+            "Or merge it into the base for any RWKV runtime: `rwkv-peft merge --base BASE --adapter "
+            f"{repo_id} --out merged.pth`."
+        )
+        library = "peft" if contains.get("lora") else "transformers"
+    else:
+        cfg = info["config"]
+        what = (f"An RWKV-7 model ({cfg.get('num_hidden_layers')} layers, width {cfg.get('hidden_size')}, "
+                f"vocab {cfg.get('vocab_size')}) in rwkv-peft's Hugging Face format.")
+        usage = ("```python\nimport rwkv_peft\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+                 f"model = AutoModelForCausalLM.from_pretrained(\"{repo_id}\")\n"
+                 f"tokenizer = AutoTokenizer.from_pretrained(\"{repo_id}\")\n```")
+        library = "transformers"
+    data = ModelCardData(library_name=library, tags=tags, base_model=base_model, pipeline_tag="text-generation")
+    recipe = _recipe_text(folder)
+    body = [f"# {repo_id.split('/')[-1]}", "", what, "", "## Use", "", usage, ""]
+    if recipe:
+        body += ["## Training recipe", "", "```yaml", recipe.rstrip(), "```", ""]
+    body += ["Made with [rwkv-peft](https://pypi.org/project/rwkv-peft/)."]
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body) + "\n")
+
+
+def publish(folder: Path, repo_id: str, private: bool = True, base_model: Optional[str] = None,
+            dry_run: bool = False, commit_message: str = "Upload with rwkv-peft") -> str:
+    """Write README.md (model card) into ``folder`` and upload the folder; ``dry_run`` stops before the upload."""
+    from .convert import atomic_path
+    folder = Path(folder)
+    card = build_model_card(folder, repo_id, base_model)
+    with atomic_path(folder / "README.md") as tmp:
+        tmp.write_text(str(card), encoding="utf-8")
+    if dry_run:
+        return f"dry run: model card written to {folder / 'README.md'}; nothing uploaded"
+    from huggingface_hub import HfApi
+    api = HfApi()
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message,
+                             ignore_patterns=["checkpoint*/**", "*.tmp*", ".*"])
+    return f"uploaded {folder} to {getattr(info, 'commit_url', repo_id)}"

@@ -1,0 +1,216 @@
+"""Merging adapters into a base: LoRA (peft's ``merge_and_unload``), states (into ``att.time_state``), several
+adapters combined with weights (peft's ``add_weighted_adapter``; states by weighted sum).
+
+Rules:
+- merges are computed on full-precision weights. A model trained on a quantized base is merged into the
+  ORIGINAL weights, reloaded in full precision from the path recorded at load time (and in the adapter
+  manifest). Merging into re-quantized 4/8-bit weights is lossy and only happens with ``allow_lossy=True``.
+- an adapter that does not fit the base fails before anything is merged, naming the dimension that differs.
+- several LoRA adapters: ``combine`` is one of peft's combination types (linear, cat, svd, ties, ties_svd,
+  dare_linear, dare_ties, dare_linear_svd, dare_ties_svd, magnitude_prune, magnitude_prune_svd); "linear"
+  needs equal ranks ("cat" or "svd" mix ranks); TIES / DARE / magnitude pruning use ``density``.
+- several states: ``S = sum_i w_i S_i`` per layer with the same weights (see
+  ``rwkv_peft.tuners.state_tuning.combine_states``). A state replaces a state the base already holds.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import List, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from .methods.adapter_io import AdapterMismatchError, check_adapter_fits, read_manifest, save_adapter
+from .tuners.state_tuning import STATE_FILE, combine_states, load_state_any, set_states, unwrap
+
+__all__ = ["MergeError", "AdapterMismatchError", "merge_model", "merge_adapters", "save_merged", "COMBINATIONS"]
+
+COMBINATIONS = ("linear", "cat", "svd", "ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd",
+                "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd")
+NEEDS_DENSITY = ("ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd", "dare_ties_svd",
+                 "magnitude_prune", "magnitude_prune_svd")
+
+
+class MergeError(ValueError):
+    """A merge that cannot be done as asked (the message says why and what to do)."""
+
+
+def _is_peft(model) -> bool:
+    from peft import PeftModel
+    return isinstance(model, PeftModel)
+
+
+def merge_model(model: nn.Module, allow_lossy: bool = False, dtype: Union[str, torch.dtype] = "float32"):
+    """The merged plain ``RWKV7ForCausalLM`` of a model being trained (LoRA and/or state attached).
+
+    On a quantized base the adapter is saved to a temporary folder and merged into the base reloaded in full
+    precision (``dtype``) from its recorded path; with ``allow_lossy=True`` it is merged into the quantized
+    weights in place instead (peft re-quantizes them).
+    """
+    from .methods.loading import is_quantized, load_base_model, load_info
+
+    if not is_quantized(model):
+        if _is_peft(model):
+            model = model.merge_and_unload()
+        return _finish(model)
+    if allow_lossy:
+        return _finish(model.merge_and_unload() if _is_peft(model) else model)
+    info = load_info(model)
+    if not info.get("path") or not Path(info["path"]).exists():
+        raise MergeError("this model has a quantized base whose full-precision checkpoint is unknown or gone "
+                         f"({info.get('path')!r}); merge with merge_adapters(base_path, adapter_dir) or pass "
+                         "allow_lossy=True to merge into the re-quantized weights")
+    tmp = Path(tempfile.mkdtemp(prefix="rwkv-peft-merge-"))
+    try:
+        save_adapter(model, tmp / "adapter")
+        full = load_base_model(info["path"], dtype=dtype)
+        return merge_adapters(full, [tmp / "adapter"])
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _finish(model: nn.Module) -> nn.Module:
+    model = unwrap(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for attr in ("_rwkv_state_tuning", "_rwkv_lora", "_rwkv_lora_initial", "_rwkv_loaded_state"):
+        if hasattr(model, attr):
+            delattr(model, attr)
+    return model.eval()
+
+
+def _parse_weights(weights: Optional[Sequence[float]], n: int) -> List[float]:
+    if weights is None:
+        return [1.0] * n if n == 1 else [1.0 / n] * n
+    weights = [float(w) for w in weights]
+    if len(weights) != n:
+        raise MergeError(f"{n} adapters but {len(weights)} weights")
+    return weights
+
+
+def merge_adapters(base: Union[str, os.PathLike, nn.Module, None], adapters: Sequence[Union[str, os.PathLike]],
+                   weights: Optional[Sequence[float]] = None, combine: str = "linear",
+                   density: Optional[float] = None, dtype: Union[str, torch.dtype] = "float32",
+                   seed: int = 0) -> nn.Module:
+    """Load ``base`` in full precision and merge one or more adapter folders (or state files) into it.
+
+    base: a checkpoint path (``.pth`` / HF / fla folder), an unquantized model, or None to use the base path
+        recorded in the first adapter's manifest.
+    adapters: adapter folders (LoRA and/or state), or runtime state ``.pth`` / ``state_adapter.safetensors``.
+    weights: one per adapter (default 1 for one adapter, 1/n each for n). They weight the LoRA combination
+        and the state sum alike; adapters without LoRA (or without state) drop out of that part.
+    Returns the merged plain model (with ``config.use_initial_state`` when a state was merged).
+    """
+    from .methods.loading import is_quantized, load_base_model
+
+    if not adapters:
+        raise MergeError("no adapter given")
+    if combine not in COMBINATIONS:
+        raise MergeError(f"combine {combine!r}: expected one of {', '.join(COMBINATIONS)}")
+    adapters = [Path(a) for a in adapters]
+    for a in adapters:
+        if not a.exists():
+            raise FileNotFoundError(f"{a}: no such adapter folder or state file")
+    weights = _parse_weights(weights, len(adapters))
+    if base is None:
+        manifest = read_manifest(adapters[0]) if adapters[0].is_dir() else None
+        base = (manifest or {}).get("base", {}).get("path")
+        if not base:
+            raise MergeError(f"{adapters[0]}: no base given and the adapter does not record one; pass --base")
+    if isinstance(base, nn.Module):
+        model = base
+        if is_quantized(model):
+            raise MergeError("the base passed in is quantized; merge into the full-precision checkpoint "
+                             "(pass its path) so the merge is not lossy")
+    else:
+        model = load_base_model(base, dtype=dtype)
+
+    lora_dirs, lora_w, states, state_w = [], [], [], []
+    for a, w in zip(adapters, weights):
+        if a.is_dir():
+            check_adapter_fits(a, model)
+            if (a / "adapter_config.json").is_file():
+                lora_dirs.append(a)
+                lora_w.append(w)
+            if (a / STATE_FILE).is_file():
+                states.append(load_state_any(a / STATE_FILE)[0])
+                state_w.append(w)
+        else:
+            from .tuners.state_tuning import check_states, model_sizes
+            st, _ = load_state_any(a)
+            check_states(st, model_sizes(model), where=str(a))
+            states.append(st)
+            state_w.append(w)
+
+    if lora_dirs:
+        model = _merge_loras(model, lora_dirs, lora_w, combine, density, seed)
+    if states:
+        merged = states[0] if len(states) == 1 and state_w[0] == 1.0 else combine_states(states, state_w)
+        set_states(model, merged)
+    return _finish(model)
+
+
+def _merge_loras(model, dirs: List[Path], weights: List[float], combine: str, density, seed: int):
+    from peft import PeftModel
+
+    if len(dirs) == 1 and weights[0] == 1.0:
+        peft_model = PeftModel.from_pretrained(model, str(dirs[0]))
+        return peft_model.merge_and_unload()
+    names = [f"adapter{i}" for i in range(len(dirs))]
+    peft_model = PeftModel.from_pretrained(model, str(dirs[0]), adapter_name=names[0])
+    for name, d in zip(names[1:], dirs[1:]):
+        peft_model.load_adapter(str(d), adapter_name=name)
+    if combine in NEEDS_DENSITY and density is None:
+        density = 0.5
+    ranks = {peft_model.peft_config[n].r for n in names}
+    if combine == "linear" and len(ranks) > 1:
+        raise MergeError(f"combine 'linear' needs adapters of equal rank; the ranks are {sorted(ranks)} "
+                         f"(use --combine cat or svd)")
+    if any(peft_model.peft_config[n].modules_to_save for n in names):
+        raise MergeError("adapters with modules_to_save cannot be combined with weights (peft refuses it); merge "
+                         "them one at a time")
+    kwargs = {"density": density} if combine in NEEDS_DENSITY else {}
+    if combine.endswith("svd"):
+        kwargs["svd_rank"] = max(ranks)
+    torch.manual_seed(seed)  # DARE drops at random
+    try:
+        peft_model.add_weighted_adapter(names, weights, "combined", combination_type=combine, **kwargs)
+    except ValueError as e:
+        raise MergeError(f"combining {len(dirs)} adapters with {combine!r} failed: {e}") from e
+    peft_model.set_adapter("combined")
+    return peft_model.merge_and_unload(adapter_names=["combined"])
+
+
+# ---- writing --------------------------------------------------------------------------------------------------------
+
+def save_merged(model: nn.Module, out: Union[str, os.PathLike], dtype: Optional[Union[str, torch.dtype]] = None,
+                tokenizer: Optional[bool] = None) -> str:
+    """Write a merged model as a BlinkDL ``.pth`` (``out`` ends in .pth) or as our HF folder; atomic."""
+    from .convert import save_hf_folder, save_pth
+    from .methods.loading import is_quantized, torch_dtype
+    from .models.rwkv7.convert_rwkv7 import hf_to_blinkdl
+
+    model = unwrap(model)
+    if _is_peft(model) or any("lora_" in n for n, _ in model.named_parameters()):
+        raise MergeError("the model still has LoRA layers; merge it first (merge_model / merge_adapters)")
+    if is_quantized(model):
+        raise MergeError("the model is quantized; .pth and HF exports are written from full-precision weights "
+                         "(merge_model reloads the base in full precision)")
+    sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if dtype is not None:
+        dt = torch_dtype(dtype)
+        sd = {k: v.to(dt) for k, v in sd.items()}
+    config = model.config
+    config.use_initial_state = any(k.endswith("att.time_state") for k in sd)
+    for attr in ("quantization_config",):
+        if hasattr(config, attr):
+            delattr(config, attr)
+    out = Path(out)
+    if out.suffix == ".pth":
+        save_pth(hf_to_blinkdl(sd, config), out)
+        return f"{out} (BlinkDL .pth): {config.describe()}" + (" + initial state" if config.use_initial_state else "")
+    save_hf_folder(config, sd, out, tokenizer=tokenizer)
+    return f"{out} (Hugging Face folder): {config.describe()}" + (" + initial state" if config.use_initial_state else "")

@@ -1,0 +1,288 @@
+"""One adapter folder for every method: save, load (with size checks against the base), summary.
+
+Folder layout (written atomically: a temporary folder renamed into place)::
+
+    adapter_config.json          peft's LoRA config          } when LoRA is attached; a standard peft folder:
+    adapter_model.safetensors    peft's LoRA weights         } ``PeftModel.from_pretrained`` loads it as it is
+    state_adapter.safetensors    initial states + metadata   when state tuning is attached
+    rwkv_peft_adapter.json       the manifest: what the folder holds and the base it was trained on
+
+PiSSA / OLoRA adapters move part of the base weight into the adapter; they are saved converted to a plain
+LoRA of rank 2r on the *original* base (peft's ``path_initial_model_for_weight_conversion``), so every saved
+adapter is a delta on the unmodified base and merges into it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+MANIFEST = "rwkv_peft_adapter.json"
+FORMAT_VERSION = 1
+SIZE_KEYS = ("architecture", "vocab_size", "hidden_size", "num_hidden_layers", "num_heads", "head_size",
+             "intermediate_size", "decay_low_rank", "a_low_rank", "v_low_rank", "gate_low_rank")
+
+
+class AdapterMismatchError(ValueError):
+    """An adapter that does not fit a base; the message names the dimension and both values."""
+
+
+def base_sizes(model: nn.Module) -> dict:
+    from ..tuners.state_tuning import unwrap
+    cfg = unwrap(model).config
+    return {"architecture": "rwkv7", "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
+            "num_hidden_layers": cfg.num_hidden_layers, "num_heads": cfg.num_heads, "head_size": cfg.head_size,
+            "intermediate_size": cfg.intermediate_size, "decay_low_rank": cfg.decay_low_rank,
+            "a_low_rank": cfg.a_low_rank, "v_low_rank": cfg.v_low_rank, "gate_low_rank": cfg.gate_low_rank}
+
+
+def check_sizes(adapter_sizes: dict, model: nn.Module, where: str) -> None:
+    have = base_sizes(model)
+    for k in SIZE_KEYS:
+        if k in adapter_sizes and adapter_sizes[k] != have[k]:
+            raise AdapterMismatchError(f"{where}: {k} differs: the adapter was trained on {adapter_sizes[k]}, "
+                                       f"the base has {have[k]}")
+
+
+def _is_peft(model) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(model, PeftModel)
+
+
+def read_manifest(adapter_dir: os.PathLike) -> Optional[dict]:
+    p = Path(adapter_dir) / MANIFEST
+    if not p.is_file():
+        return None
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise AdapterMismatchError(f"{p}: invalid JSON ({e})") from e
+
+
+# ---- save -------------------------------------------------------------------------------------------------------
+
+def save_adapter(model: nn.Module, out_dir: os.PathLike, extra: Optional[dict] = None) -> Path:
+    """Write LoRA (if attached) + state (if state tuning is attached) + manifest into ``out_dir``.
+
+    Atomic: everything is written to a temporary folder beside ``out_dir`` that then replaces ``out_dir`` as a
+    whole, so give the adapter its own folder (e.g. ``outputs/<run>/adapter``), not the run folder. Pass the
+    unwrapped model (``accelerator.unwrap_model``). ``extra`` (JSON-able) is stored in the manifest.
+    """
+    from .. import __version__
+    from ..convert import atomic_path
+    from ..tuners.state_tuning import STATE_FILE, STATE_LAYOUT, get_states, save_state_file, state_tuning_config, unwrap
+    from .loading import load_info
+
+    base = unwrap(model)
+    st = state_tuning_config(model)
+    lora = _is_peft(model)
+    if not lora and st is None:
+        raise ValueError("nothing to save: the model has neither a LoRA adapter (apply_lora) nor state tuning "
+                         "(apply_state_tuning)")
+    out_dir = Path(out_dir)
+    info = load_info(model)
+    manifest = {
+        "format": "rwkv-peft-adapter", "format_version": FORMAT_VERSION, "rwkv_peft_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "contains": {"lora": lora, "state": st is not None},
+        "base": {"path": info.get("path") or base.config._name_or_path or None,
+                 "dtype": info.get("dtype"), "quantization": info.get("quantization"),
+                 "double_quant": info.get("double_quant", False), **base_sizes(model)},
+    }
+    with atomic_path(out_dir, is_dir=True) as tmp:
+        if lora:
+            manifest["lora"] = _save_lora(model, Path(tmp))
+        if st is not None:
+            save_state_file(get_states(model), Path(tmp) / STATE_FILE, extra=st.to_dict())
+            manifest["state"] = {"file": STATE_FILE, "layout": STATE_LAYOUT, "init": st.init,
+                                 "layers": st.num_hidden_layers, "heads": st.num_heads, "head_size": st.head_size}
+        if extra:
+            manifest["extra"] = extra
+        (Path(tmp) / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    return out_dir
+
+
+def _save_lora(model, tmp: Path) -> dict:
+    import shutil
+
+    from safetensors.torch import save_file
+
+    base = model.get_base_model()
+    meta = dict(getattr(base, "_rwkv_lora", {}) or {})
+    cfg = model.peft_config[model.active_adapter if isinstance(model.active_adapter, str) else "default"]
+    initial = getattr(base, "_rwkv_lora_initial", None)
+    if initial is not None:  # PiSSA / OLoRA: save as a plain LoRA (rank 2r) on the original base
+        init_dir = tmp / "initial_adapter"
+        init_dir.mkdir()
+        save_file({k: v.contiguous() for k, v in initial.items()}, str(init_dir / "adapter_model.safetensors"),
+                  metadata={"format": "pt"})
+        import warnings
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*Quant\(W_res\).*")
+            model.save_pretrained(str(tmp), path_initial_model_for_weight_conversion=str(init_dir),
+                                  save_embedding_layers=False)
+        shutil.rmtree(init_dir)
+        meta["converted_to_plain_lora"] = {"from": str(cfg.init_lora_weights) if meta.get("init") is None
+                                           else meta["init"], "rank": cfg.r * 2}
+    else:  # the vocabulary is never resized here, so no full embedding copies in the adapter
+        model.save_pretrained(str(tmp), save_embedding_layers=False)
+    meta.update({"file": "adapter_model.safetensors", "config": "adapter_config.json", "peft_type": "LORA"})
+    return meta
+
+
+# ---- load -------------------------------------------------------------------------------------------------------
+
+def check_adapter_fits(adapter_dir: os.PathLike, base_model: nn.Module) -> Optional[dict]:
+    """Validate an adapter folder against a base before loading it; returns its manifest (None if absent)."""
+    from ..tuners.state_tuning import STATE_FILE, check_states, load_state_any, model_sizes
+
+    adapter_dir = Path(adapter_dir)
+    if not adapter_dir.is_dir():
+        raise FileNotFoundError(f"{adapter_dir}: no such adapter folder")
+    manifest = read_manifest(adapter_dir)
+    has_lora = (adapter_dir / "adapter_config.json").is_file()
+    has_state = (adapter_dir / STATE_FILE).is_file()
+    if not has_lora and not has_state:
+        raise AdapterMismatchError(f"{adapter_dir}: neither adapter_config.json (LoRA) nor {STATE_FILE} (state) "
+                                   f"found; not an adapter folder")
+    if manifest is not None:
+        if manifest.get("format_version", 0) > FORMAT_VERSION:
+            raise AdapterMismatchError(f"{adapter_dir}/{MANIFEST}: format_version differs: the folder has "
+                                       f"{manifest['format_version']}, this rwkv-peft reads up to {FORMAT_VERSION}")
+        check_sizes(manifest.get("base", {}), base_model, str(adapter_dir))
+    if has_state:
+        states, _ = load_state_any(adapter_dir / STATE_FILE)
+        check_states(states, model_sizes(base_model), where=str(adapter_dir / STATE_FILE))
+    if has_lora:
+        _check_lora_shapes(adapter_dir, base_model)
+    return manifest
+
+
+def _check_lora_shapes(adapter_dir: Path, base_model: nn.Module) -> None:
+    """Each ``lora_A`` [r, in] / ``lora_B`` [out, r] against the base module's in/out features."""
+    from safetensors import safe_open
+
+    from ..tuners.state_tuning import unwrap
+    f = adapter_dir / "adapter_model.safetensors"
+    if not f.is_file():
+        return
+    modules = dict(unwrap(base_model).named_modules())
+    with safe_open(str(f), framework="pt") as fh:
+        for key in fh.keys():
+            if ".lora_A." not in key and ".lora_B." not in key:
+                continue
+            name = key.split(".lora_")[0]
+            for prefix in ("base_model.model.",):
+                if name.startswith(prefix):
+                    name = name[len(prefix):]
+            mod = modules.get(name)
+            if mod is None:
+                import re
+                m = re.match(r"model\.blocks\.(\d+)\.", name)
+                L = unwrap(base_model).config.num_hidden_layers
+                if m and int(m.group(1)) >= L:
+                    raise AdapterMismatchError(f"{adapter_dir}: num_hidden_layers differs: the adapter has a layer "
+                                               f"{m.group(1)}, the base has {L} layers")
+                raise AdapterMismatchError(f"{adapter_dir}: the adapter targets '{name}', which the base does not have")
+            shape = fh.get_slice(key).get_shape()
+            in_f = getattr(mod, "in_features", None)
+            out_f = getattr(mod, "out_features", None)
+            if ".lora_A." in key and in_f is not None and shape[1] != in_f:
+                raise AdapterMismatchError(f"{adapter_dir}: {name} in_features differs: the adapter has {shape[1]}, "
+                                           f"the base has {in_f}")
+            if ".lora_B." in key and out_f is not None and shape[0] != out_f:
+                raise AdapterMismatchError(f"{adapter_dir}: {name} out_features differs: the adapter has "
+                                           f"{shape[0]}, the base has {out_f}")
+
+
+def load_adapter(base_model: nn.Module, adapter_dir: os.PathLike, is_trainable: bool = False,
+                 adapter_name: str = "default"):
+    """Load LoRA and/or state from one folder onto ``base_model`` (a plain RWKV-7 model); returns the model
+    (a ``PeftModel`` when the folder holds LoRA). Sizes are checked against the base first."""
+    from ..tuners.state_tuning import (
+        STATE_FILE, StateTuningConfig, load_state_any, mark_states_trainable, model_sizes, set_states, unwrap,
+    )
+
+    adapter_dir = Path(adapter_dir)
+    from peft import PeftModel
+    if isinstance(base_model, PeftModel):
+        raise ValueError("load_adapter takes the plain base model (load_base_model(...)), not a PeftModel that "
+                         "already has an adapter; use merge_adapters to combine several adapters")
+    manifest = check_adapter_fits(adapter_dir, base_model)
+    model = base_model
+    if (adapter_dir / "adapter_config.json").is_file():
+        model = PeftModel.from_pretrained(base_model, str(adapter_dir), adapter_name=adapter_name,
+                                          is_trainable=is_trainable)
+        base = model.get_base_model()
+        lora_meta = dict((manifest or {}).get("lora") or {})
+        if lora_meta:
+            converted = lora_meta.pop("converted_to_plain_lora", None)
+            if converted:  # saved as a plain LoRA of rank 2r on the original base
+                lora_meta.update(init=None, r=converted["rank"], converted_from=converted["from"])
+            base._rwkv_lora = {k: v for k, v in lora_meta.items() if k not in ("file", "config", "peft_type")}
+    if (adapter_dir / STATE_FILE).is_file():
+        states, meta = load_state_any(adapter_dir / STATE_FILE)
+        set_states(model, states)
+        for p in (m.time_state for m in _mixes(model)):
+            p.requires_grad_(is_trainable)
+        sizes = model_sizes(model)
+        cfg = StateTuningConfig(init=str(adapter_dir / STATE_FILE), num_hidden_layers=sizes["num_hidden_layers"],
+                                num_heads=sizes["num_heads"], head_size=sizes["head_size"],
+                                hidden_size=sizes["hidden_size"])
+        if is_trainable:
+            unwrap(model)._rwkv_state_tuning = cfg
+            mark_states_trainable(model)
+        else:
+            unwrap(model)._rwkv_loaded_state = cfg
+    if not is_trainable:
+        model.eval()
+    return model
+
+
+def _mixes(model):
+    from ..tuners.state_tuning import time_mixes
+    return time_mixes(model)
+
+
+# ---- summary ------------------------------------------------------------------------------------------------------
+
+def _numel(p: torch.Tensor) -> int:
+    qs = getattr(p, "quant_state", None)
+    if qs is not None and getattr(qs, "shape", None) is not None:  # bitsandbytes 4-bit: packed storage
+        n = 1
+        for d in qs.shape:
+            n *= int(d)
+        return n
+    return p.numel()
+
+
+def trainable_summary(model: nn.Module) -> str:
+    """One line per group (LoRA, state, modules_to_save, other) with trainable counts, then the total."""
+    groups = {"lora": 0, "state": 0, "modules_to_save": 0, "other": 0}
+    total = trainable = 0
+    for name, p in model.named_parameters():
+        n = _numel(p)
+        total += n
+        if not p.requires_grad:
+            continue
+        trainable += n
+        if "lora_" in name:
+            groups["lora"] += n
+        elif name.endswith("time_state"):
+            groups["state"] += n
+        elif "modules_to_save" in name:
+            groups["modules_to_save"] += n
+        else:
+            groups["other"] += n
+    parts = [f"{k}: {v:,}" for k, v in groups.items() if v]
+    pct = 100.0 * trainable / max(total, 1)
+    return (f"trainable parameters: {trainable:,} of {total:,} ({pct:.4f}%)"
+            + (f" [{', '.join(parts)}]" if parts else ""))

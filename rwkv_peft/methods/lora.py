@@ -1,0 +1,157 @@
+"""LoRA and its variants on RWKV-7 through ``peft`` (never re-implemented here): target presets, DoRA,
+rsLoRA, PiSSA / OLoRA / Gaussian init, ``modules_to_save``; PiSSA on a quantized base.
+
+Module names of one RWKV-7 block (``model.blocks.N.``)::
+
+    att.receptance  att.key  att.value  att.output          [C, C]   the time-mix projections
+    att.{w,a,v,g}_lora.down / .up                           [D, C] / [C, D]  small decay/a/v/gate maps
+    ffn.key [F, C]  ffn.value [C, F]                        the channel mix
+plus ``head`` [V, C] (the output projection) and the norms ``ln1``/``ln2``/``att.ln_x``/``model.ln_out``.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterable, List, Optional, Sequence, Union
+
+from torch import nn
+
+ATTENTION = ["att.receptance", "att.key", "att.value", "att.output"]
+FFN = ["ffn.key", "ffn.value"]
+LOW_RANK = [f"att.{x}_lora.{p}" for x in "wavg" for p in ("down", "up")]
+TARGET_PRESETS = {
+    "default": ATTENTION + FFN,
+    "attention": ATTENTION,
+    "ffn": FFN,
+    "all": ATTENTION + FFN + LOW_RANK,
+}
+VARIANTS = ("lora", "dora", "rslora")
+INITS = (None, "pissa", "olora", "gaussian")
+# inits that move part of the base weight into the adapter: the adapter alone is not a delta on the base
+MUTATING_INITS = ("pissa", "olora")
+
+
+def resolve_targets(targets: Union[str, Sequence[str]]) -> List[str]:
+    """A preset name ("default", "attention", "ffn", "all") or an explicit list of module names/suffixes."""
+    if isinstance(targets, str):
+        if targets in TARGET_PRESETS:
+            return list(TARGET_PRESETS[targets])
+        if "," in targets:
+            return [t.strip() for t in targets.split(",") if t.strip()]
+        raise ValueError(f"targets {targets!r}: expected a preset ({', '.join(TARGET_PRESETS)}) or a list of "
+                         f"module names such as {ATTENTION + FFN}")
+    out = [str(t) for t in targets]
+    if not out:
+        raise ValueError("targets: empty list")
+    return out
+
+
+def _check_targets_exist(model: nn.Module, targets: Iterable[str]) -> None:
+    names = [n for n, _ in model.named_modules()]
+    for t in targets:
+        if not any(n == t or n.endswith("." + t) for n in names):
+            raise ValueError(f"LoRA target {t!r} matches no module of the model; RWKV-7 modules are e.g. "
+                             f"{ATTENTION + FFN + LOW_RANK[:2]} (presets: {', '.join(TARGET_PRESETS)})")
+
+
+def lora_config(r: int = 16, alpha: float = 32, dropout: float = 0.0, targets="default", variant: str = "lora",
+                modules_to_save: Optional[Sequence[str]] = None, init: Optional[str] = None):
+    from peft import LoraConfig
+    if variant not in VARIANTS:
+        raise ValueError(f"variant {variant!r}: expected one of {VARIANTS}")
+    if init not in INITS:
+        raise ValueError(f"init {init!r}: expected one of {INITS}")
+    if r < 1:
+        raise ValueError(f"r={r}: the LoRA rank must be >= 1")
+    return LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=resolve_targets(targets), bias="none",
+        use_dora=variant == "dora", use_rslora=variant == "rslora",
+        init_lora_weights=True if init is None else init,
+        modules_to_save=list(modules_to_save) if modules_to_save else None, task_type="CAUSAL_LM",
+    )
+
+
+def apply_lora(model: nn.Module, r: int = 16, alpha: float = 32, dropout: float = 0.0, targets="default",
+               variant: str = "lora", modules_to_save: Optional[Sequence[str]] = None, init: Optional[str] = None):
+    """Attach a LoRA adapter through ``peft.get_peft_model``; returns the ``PeftModel``.
+
+    PiSSA (or OLoRA) on a quantized base (peft refuses PiSSA there): the base is reloaded in full precision from
+    the path it was loaded from, the init runs on those weights, the residual ``W - A0 B0`` is quantized as the
+    base was (same ``BitsAndBytesConfig``), and the adapter ``A0, B0`` is attached to it - as peft documents for
+    QPiSSA. The returned model is a new object; the one passed in should be dropped.
+    """
+    from peft import get_peft_model
+
+    from ..tuners.state_tuning import mark_states_trainable, state_tuning_config
+    from .loading import is_quantized
+
+    cfg = lora_config(r, alpha, dropout, targets, variant, modules_to_save, init)
+    _check_targets_exist(model, cfg.target_modules)
+    if init in MUTATING_INITS and is_quantized(model):
+        peft_model = _init_on_full_precision(model, cfg)
+    else:
+        peft_model = get_peft_model(model, cfg)
+        if init in MUTATING_INITS:  # keep A0, B0 to save the adapter as a plain LoRA on the original base
+            _remember_initial(peft_model)
+    base = peft_model.get_base_model()
+    base._rwkv_lora = {"r": r, "alpha": alpha, "dropout": dropout, "targets": list(cfg.target_modules),
+                       "variant": variant, "init": init, "modules_to_save": list(modules_to_save or [])}
+    if state_tuning_config(peft_model) is not None:
+        mark_states_trainable(peft_model)
+    return peft_model
+
+
+def _remember_initial(peft_model) -> None:
+    from peft import get_peft_model_state_dict
+    sd = get_peft_model_state_dict(peft_model)
+    peft_model.get_base_model()._rwkv_lora_initial = {
+        k: v.detach().to("cpu", copy=True) for k, v in sd.items() if "lora_A" in k or "lora_B" in k}
+
+
+def _init_on_full_precision(model: nn.Module, cfg):
+    import copy
+
+    from peft import get_peft_model, set_peft_model_state_dict
+
+    from .. import convert as conv
+    from ..tuners.state_tuning import get_states, has_initial_state, set_states, state_tuning_config
+    from .loading import load_base_model, load_info
+
+    info = load_info(model)
+    if not info.get("path"):
+        raise ValueError(f"{cfg.init_lora_weights} on a quantized base needs the full-precision weights: load "
+                         "the base with rwkv_peft.methods.load_base_model(path, quantization=...) so its path is "
+                         "known, or apply it to a full-precision model (peft refuses PiSSA on 4-bit weights)")
+    states = get_states(model) if has_initial_state(model) else None
+    st_cfg = state_tuning_config(model)
+    device_map = info.get("device_map")
+    full = load_base_model(info["path"], dtype="float32")
+    full_peft = get_peft_model(full, copy.deepcopy(cfg))
+    _remember_initial(full_peft)
+    initial = full_peft.get_base_model()._rwkv_lora_initial
+    residual = full_peft.unload()  # base weights with A0 B0 removed (W_res)
+    tmp = Path(tempfile.mkdtemp(prefix="rwkv-peft-pissa-"))
+    try:
+        sd = {k: v.detach().cpu() for k, v in residual.state_dict().items()}
+        conv.save_hf_folder(residual.config, sd, tmp / "residual", tokenizer=False)
+        del full, full_peft, residual, sd
+        qmodel = load_base_model(tmp / "residual", dtype=info["dtype"], quantization=info["quantization"],
+                                 double_quant=info.get("double_quant", False), device_map=device_map)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    qmodel._rwkv_peft_load = dict(info)  # the original base, not the temporary residual
+    qmodel.config._name_or_path = info["path"]
+    qmodel.name_or_path = info["path"]
+    plain = copy.deepcopy(cfg)
+    plain.init_lora_weights = True
+    peft_model = get_peft_model(qmodel, plain)
+    device = next(p.device for n, p in peft_model.named_parameters() if "lora_A" in n)
+    set_peft_model_state_dict(peft_model, {k: v.to(device) for k, v in initial.items()})
+    peft_model.peft_config["default"].init_lora_weights = cfg.init_lora_weights
+    peft_model.get_base_model()._rwkv_lora_initial = initial
+    if states is not None:
+        set_states(peft_model, states)
+    if st_cfg is not None:
+        peft_model.get_base_model()._rwkv_state_tuning = st_cfg
+    return peft_model

@@ -1,0 +1,322 @@
+"""State tuning: train only each layer's initial WKV state ``[H, N, N]``.
+
+Design
+------
+peft's method registry is closed: ``register_peft_method`` refuses any name outside its ``PeftType`` enum, so a
+"state tuning" peft method would need a patched enum, which breaks whenever peft reorganises its internals. We
+therefore keep state tuning as our own small tuner *beside* peft:
+
+* the trainable parameters are the base model's own ``att.time_state`` (one per ``RWKV7TimeMix``; the model
+  starts every sequence from it when ``config.use_initial_state`` is set). peft never wraps or copies them, so a
+  ``PeftModel`` reaches them by plain attribute access through ``get_base_model()`` and LoRA + state compose in
+  one model without either library knowing about the other;
+* ``apply_state_tuning`` creates the parameters where the model has none, marks them trainable (after
+  ``get_peft_model`` too, which freezes every non-LoRA parameter) and records a ``StateTuningConfig`` on the
+  base model;
+* the state is saved in peft's folder style: one ``state_adapter.safetensors`` beside ``adapter_config.json``
+  / ``adapter_model.safetensors``, self-describing through its safetensors metadata (architecture, layers,
+  heads, head size, layout), and exported to the runtime ``.pth`` format (``blocks.N.att.time_state``).
+
+Layout: ``S[h, value, key]`` - the official ``rwkv`` package's v7 layout, which is also our model's, so the
+runtime export is a rename with no transpose.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+STATE_FILE = "state_adapter.safetensors"
+STATE_LAYOUT = "[H, N(value), N(key)]"
+ARCHITECTURE = "rwkv7"
+STATE_KEY = "blocks.{}.att.time_state"
+_STATE_KEY_RE = re.compile(r"blocks\.(\d+)\.att\.time_state")
+
+
+class StateMismatchError(ValueError):
+    """A state that does not fit a model; the message names the dimension and both values."""
+
+
+@dataclass
+class StateTuningConfig:
+    """What ``apply_state_tuning`` attached; saved (as JSON) in the state file's metadata and the manifest."""
+    init: str = "zeros"
+    trainable_only: bool = True
+    architecture: str = ARCHITECTURE
+    num_hidden_layers: int = 0
+    num_heads: int = 0
+    head_size: int = 0
+    hidden_size: int = 0
+    layout: str = STATE_LAYOUT
+    dtype: str = "float32"
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---- finding the RWKV model and its time mixes -----------------------------------------------------------------
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The ``RWKV7ForCausalLM`` (or ``RWKV7Model``) under a ``PeftModel`` / ``LoraModel`` wrapper."""
+    seen = 0
+    while hasattr(model, "get_base_model") and seen < 4:
+        inner = model.get_base_model()
+        if inner is model:
+            break
+        model, seen = inner, seen + 1
+    return model
+
+
+def time_mixes(model: nn.Module) -> List[nn.Module]:
+    from ..models.rwkv7.modeling_rwkv7 import RWKV7TimeMix
+    mixes = [m for m in unwrap(model).modules() if isinstance(m, RWKV7TimeMix)]
+    if not mixes:
+        raise TypeError(f"{type(model).__name__} has no RWKV-7 time-mix layers; state tuning needs an RWKV-7 model")
+    return sorted(mixes, key=lambda m: m.layer_idx)
+
+
+def model_sizes(model: nn.Module) -> dict:
+    cfg = unwrap(model).config
+    return {"architecture": ARCHITECTURE, "num_hidden_layers": cfg.num_hidden_layers, "num_heads": cfg.num_heads,
+            "head_size": cfg.head_size, "hidden_size": cfg.hidden_size}
+
+
+def has_initial_state(model: nn.Module) -> bool:
+    return all(getattr(m, "time_state", None) is not None for m in time_mixes(model))
+
+
+def add_initial_state(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Give every time mix an ``att.time_state`` parameter (zeros) where it has none, in ``dtype`` (fp32: the
+    state is small and trained in full precision even on a bf16 / quantized base), and set
+    ``config.use_initial_state``. An existing state is kept (cast to ``dtype``)."""
+    for m in time_mixes(model):
+        ts = getattr(m, "time_state", None)
+        if ts is None:
+            device = m.r_k.device if m.r_k.device.type != "meta" else torch.device("cpu")
+            m.time_state = nn.Parameter(torch.zeros(m.num_heads, m.head_size, m.head_size, dtype=dtype,
+                                                    device=device), requires_grad=False)
+        elif ts.dtype != dtype:
+            m.time_state = nn.Parameter(ts.detach().to(dtype), requires_grad=ts.requires_grad)
+    unwrap(model).config.use_initial_state = True
+    return model
+
+
+def get_states(model: nn.Module) -> List[torch.Tensor]:
+    """Every layer's initial state ``[H, N, N]`` (detached, fp32, CPU), in layer order."""
+    out = []
+    for m in time_mixes(model):
+        if m.time_state is None:
+            raise ValueError(f"layer {m.layer_idx} has no initial state (apply_state_tuning or load one first)")
+        out.append(m.time_state.detach().float().cpu().clone())
+    return out
+
+
+def check_states(states: Sequence[torch.Tensor], sizes: dict, where: str = "state") -> None:
+    """Raise ``StateMismatchError`` naming the dimension when ``states`` do not fit a model of ``sizes``."""
+    L, H, N = sizes["num_hidden_layers"], sizes["num_heads"], sizes["head_size"]
+    if len(states) != L:
+        raise StateMismatchError(f"{where}: layers differ: the state has {len(states)} layers, the model {L}")
+    for i, s in enumerate(states):
+        if s.dim() != 3:
+            raise StateMismatchError(f"{where}: layer {i} state has shape {list(s.shape)}; expected [H, N, N] = "
+                                     f"[{H}, {N}, {N}]")
+        if s.shape[0] != H:
+            raise StateMismatchError(f"{where}: heads differ: the state has {s.shape[0]} heads, the model {H}")
+        if s.shape[1] != N or s.shape[2] != N:
+            raise StateMismatchError(f"{where}: head size differs: the state has {s.shape[1]}x{s.shape[2]}, "
+                                     f"the model {N}x{N}")
+
+
+def set_states(model: nn.Module, states: Sequence[torch.Tensor]) -> nn.Module:
+    """Copy ``states`` (``[H, N, N]`` each) into the model's initial states, creating them where missing."""
+    check_states(states, model_sizes(model))
+    add_initial_state(model)
+    with torch.no_grad():
+        for m, s in zip(time_mixes(model), states):
+            m.time_state.copy_(s.to(m.time_state.dtype))
+    return model
+
+
+# ---- applying ---------------------------------------------------------------------------------------------------
+
+def apply_state_tuning(model: nn.Module, init: Union[str, os.PathLike] = "zeros", trainable_only: bool = True):
+    """Make every layer's initial WKV state a trainable parameter; returns ``model`` (changed in place).
+
+    init: ``"zeros"``; ``"keep"`` (start from the state the checkpoint already has, zeros if none); or a path to
+    a state file (runtime ``.pth``, our ``state_adapter.safetensors``, or an adapter folder holding one).
+    trainable_only: freeze everything else. On a ``PeftModel`` the LoRA parameters stay trainable (LoRA + state
+    in one run); peft has already frozen the base.
+    """
+    base = unwrap(model)
+    add_initial_state(model)
+    if isinstance(init, (str, os.PathLike)) and str(init) not in ("zeros", "keep"):
+        if not Path(init).exists():
+            raise ValueError(f"state init {str(init)!r}: expected 'zeros', 'keep' or a path to a state file "
+                             f"(no such file or folder)")
+        states, _ = load_state_any(init)
+        set_states(model, states)
+        init_name = str(init)
+    elif str(init) == "zeros":
+        with torch.no_grad():
+            for m in time_mixes(model):
+                m.time_state.zero_()
+        init_name = "zeros"
+    elif str(init) == "keep":
+        init_name = "keep"
+    else:
+        raise ValueError(f"state init {init!r}: expected 'zeros', 'keep' or a path to a state file")
+    if trainable_only:
+        is_peft = model is not base
+        for name, p in model.named_parameters():
+            if is_peft and ("lora_" in name or "modules_to_save" in name):
+                continue  # LoRA / saved modules: peft decides
+            p.requires_grad_(False)
+    for m in time_mixes(model):
+        m.time_state.requires_grad_(True)
+    sizes = model_sizes(model)
+    base._rwkv_state_tuning = StateTuningConfig(
+        init=init_name, trainable_only=trainable_only, num_hidden_layers=sizes["num_hidden_layers"],
+        num_heads=sizes["num_heads"], head_size=sizes["head_size"], hidden_size=sizes["hidden_size"])
+    return model
+
+
+def state_tuning_config(model: nn.Module) -> Optional[StateTuningConfig]:
+    return getattr(unwrap(model), "_rwkv_state_tuning", None)
+
+
+def mark_states_trainable(model: nn.Module) -> None:
+    """Re-enable the state's gradient (``get_peft_model`` freezes every non-LoRA parameter)."""
+    if state_tuning_config(model) is not None:
+        for m in time_mixes(model):
+            if m.time_state is not None:
+                m.time_state.requires_grad_(True)
+
+
+# ---- files ------------------------------------------------------------------------------------------------------
+
+def _metadata(sizes: dict, extra: Optional[dict] = None) -> Dict[str, str]:
+    from .. import __version__
+    meta = {"format": "pt", "architecture": ARCHITECTURE, "version": "7", "layout": STATE_LAYOUT,
+            "layers": str(sizes["num_hidden_layers"]), "heads": str(sizes["num_heads"]),
+            "head_size": str(sizes["head_size"]), "hidden_size": str(sizes["hidden_size"]),
+            "key_format": "blocks.{layer}.att.time_state", "dtype": "float32", "rwkv_peft_version": __version__}
+    if extra:
+        meta["state_tuning"] = json.dumps(extra, sort_keys=True)
+    return meta
+
+
+def states_to_dict(states: Sequence[torch.Tensor]) -> Dict[str, torch.Tensor]:
+    return {STATE_KEY.format(i): s.detach().float().cpu().contiguous() for i, s in enumerate(states)}
+
+
+def states_from_dict(sd: Dict[str, torch.Tensor], where: str) -> List[torch.Tensor]:
+    found = {}
+    for k, v in sd.items():
+        m = _STATE_KEY_RE.fullmatch(k)
+        if m:
+            found[int(m.group(1))] = v
+    if not found:
+        raise StateMismatchError(f"{where}: no 'blocks.N.att.time_state' tensors found")
+    missing = sorted(set(range(max(found) + 1)) - set(found))
+    if missing:
+        raise StateMismatchError(f"{where}: layers differ: no state for layer {missing[0]} "
+                                 f"(found layers {sorted(found)})")
+    return [found[i].float() for i in range(len(found))]
+
+
+def sizes_of_states(states: Sequence[torch.Tensor]) -> dict:
+    H, N = states[0].shape[0], states[0].shape[-1]
+    return {"architecture": ARCHITECTURE, "num_hidden_layers": len(states), "num_heads": H, "head_size": N,
+            "hidden_size": H * N}
+
+
+def save_state_file(states: Sequence[torch.Tensor], path: os.PathLike, extra: Optional[dict] = None) -> None:
+    """Our state adapter: safetensors with ``blocks.N.att.time_state`` [H, N, N] fp32 and metadata (atomic)."""
+    from safetensors.torch import save_file
+    from ..convert import atomic_path
+    check_states(states, sizes_of_states(states), where=str(path))
+    with atomic_path(path) as tmp:
+        save_file(states_to_dict(states), str(tmp), metadata=_metadata(sizes_of_states(states), extra))
+
+
+def read_state_file(path: os.PathLike) -> Tuple[List[torch.Tensor], dict]:
+    """Read our state adapter; checks the metadata against the tensors. Returns (states, metadata)."""
+    from safetensors import safe_open
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            sd = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise StateMismatchError(f"{path}: not a readable safetensors state file ({type(e).__name__}: {e})") from e
+    arch = meta.get("architecture", ARCHITECTURE)
+    if arch != ARCHITECTURE:
+        raise StateMismatchError(f"{path}: architecture differs: the file says {arch!r}, this tuner handles "
+                                 f"{ARCHITECTURE!r}")
+    states = states_from_dict(sd, str(path))
+    sizes = sizes_of_states(states)
+    for key, name in (("layers", "num_hidden_layers"), ("heads", "num_heads"), ("head_size", "head_size")):
+        if key in meta and int(meta[key]) != sizes[name]:
+            raise StateMismatchError(f"{path}: {key} differ: metadata says {meta[key]}, tensors give {sizes[name]}")
+    return states, meta
+
+
+def export_state_pth(model_or_states, path: os.PathLike) -> None:
+    """Write the runtime state file: ``{'blocks.N.att.time_state': [H, N, N] fp32}`` as a ``.pth`` (the keys and
+    layout RWKV runtimes load). Accepts a model (plain or PeftModel), a list of states, or a state file/folder."""
+    from ..convert import save_pth
+    if isinstance(model_or_states, nn.Module):
+        states = get_states(model_or_states)
+    elif isinstance(model_or_states, (str, os.PathLike)):
+        states, _ = load_state_any(model_or_states)
+    else:
+        states = list(model_or_states)
+    check_states(states, sizes_of_states(states), where=str(path))
+    save_pth(states_to_dict(states), path)
+
+
+def load_state_pth(path: os.PathLike) -> List[torch.Tensor]:
+    """Read a runtime state ``.pth`` (only its ``blocks.N.att.time_state`` keys; a whole checkpoint works too)."""
+    from ..convert import load_pth
+    sd = load_pth(path)
+    return states_from_dict({k: v for k, v in sd.items() if k.endswith("att.time_state")}, str(path))
+
+
+def load_state_any(path: os.PathLike) -> Tuple[List[torch.Tensor], dict]:
+    """A runtime ``.pth``, our ``.safetensors`` state adapter, or an adapter folder holding one."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / STATE_FILE).is_file():
+            raise FileNotFoundError(f"{path}: no {STATE_FILE} in this folder (the adapter holds no state)")
+        return read_state_file(path / STATE_FILE)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such state file")
+    if path.suffix == ".safetensors":
+        return read_state_file(path)
+    states = load_state_pth(path)
+    return states, {"architecture": ARCHITECTURE, "layout": STATE_LAYOUT}
+
+
+def combine_states(states_list: Sequence[Sequence[torch.Tensor]], weights: Sequence[float]) -> List[torch.Tensor]:
+    """Weighted sum ``S = sum_i w_i * S_i`` per layer (weights are used as given, not renormalised).
+
+    Within one layer the WKV readout is linear in the initial state (``S_t = S_0 P_t + token terms``, with
+    ``P_t`` the product of the transitions), so at each layer's WKV output the weighted sum of states gives the
+    weighted sum of their effects; the group norm and later layers are nonlinear, so for the whole model it
+    is an approximation, as weight-space merging of LoRA adapters is. Weights summing to 1 keep the state's
+    scale; other sums scale the learned effect up or down.
+    """
+    if len(states_list) != len(weights):
+        raise ValueError(f"{len(states_list)} states but {len(weights)} weights")
+    first = sizes_of_states(states_list[0])
+    for i, st in enumerate(states_list[1:], 1):
+        check_states(st, first, where=f"state #{i}")
+    return [sum(float(w) * st[layer].float() for st, w in zip(states_list, weights))
+            for layer in range(len(states_list[0]))]
