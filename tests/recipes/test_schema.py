@@ -1,0 +1,129 @@
+"""The recipe schema: valid recipes, every kind of bad key/value with file:line and suggestions, overrides."""
+from pathlib import Path
+
+import pytest
+
+from rwkv_peft.recipe import RecipeError, check_paths, load_recipe, recipe_from_text, resolve_path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+MINIMAL = """\
+model:
+  path: models/x.pth
+data:
+  train: data/train.jsonl
+"""
+
+
+def errors(text, overrides=()):
+    with pytest.raises(RecipeError) as info:
+        recipe_from_text(text, "r.yaml", overrides)
+    return info.value.problems
+
+
+def test_minimal_recipe_gets_defaults():
+    r = recipe_from_text(MINIMAL, "r.yaml")
+    assert r.model.dtype == "bfloat16" and r.method.kind == "full"
+    assert r.data.template.roles.assistant == "Assistant" and r.data.template.turn_separator == "\n\n"
+    assert r.train.schedule == "cosine" and r.run_name == "r" and r.output_dir == Path("outputs/r")
+
+
+def test_every_shipped_recipe_validates():
+    files = sorted((ROOT / "recipes").glob("*.yaml"))
+    assert len(files) >= 20, files
+    kinds = set()
+    for f in files:
+        r = load_recipe(f)
+        kinds.add(r.method.kind)
+        assert r.model.path.endswith(".pth") or r.model.path.startswith("assets:"), f
+    assert {"lora", "state", "lora+state"} <= kinds
+
+
+def test_unknown_key_names_line_and_suggests():
+    text = MINIMAL + "train:\n  batch_size: 2\n  learning_rate: 1e-4\n"
+    (p,) = errors(text)
+    assert p.startswith("r.yaml:7: train.learning_rate: unknown key 'learning_rate'")
+    assert "allowed in train:" in p and " lr," in p
+    (p,) = errors(MINIMAL + "trian:\n  lr: 1\n")
+    assert p.startswith("r.yaml:5: trian: unknown key 'trian'; did you mean 'train'?")
+    (p,) = errors(MINIMAL.replace("  path:", "  pth: a\n  path:"))
+    assert "r.yaml:2: model.pth: unknown key 'pth'; did you mean 'path'?" in p
+
+
+def test_bad_values_name_value_and_allowed():
+    text = MINIMAL + "method:\n  lora:\n    enabled: true\n    variant: dorra\n    r: 0\n"
+    probs = errors(text)
+    assert any(p.startswith("r.yaml:8: method.lora.variant: 'dorra' is not allowed; expected 'lora', 'dora' or "
+                            "'rslora'; did you mean 'dora'?") for p in probs), probs
+    assert any(p.startswith("r.yaml:9: method.lora.r: 0:") and "greater than 0" in p for p in probs), probs
+    (p,) = errors(MINIMAL + "train:\n  batch_size: two\n")
+    assert p.startswith("r.yaml:6: train.batch_size: 'two':") and "integer" in p
+    (p,) = errors(MINIMAL + "method:\n  lora:\n    targets: [receptance, 3]\n")
+    assert p.startswith("r.yaml:7: method.lora.targets.1: 3:") and "valid string" in p
+
+
+def test_missing_section_and_yaml_syntax():
+    (p,) = errors("data:\n  train: x.jsonl\n")
+    assert p == "r.yaml:1: model: required key is missing"
+    (p,) = errors("model:\n  path: [unclosed\n")
+    assert p.startswith("r.yaml:") and "not valid YAML" in p
+    (p,) = errors("- a\n- b\n")
+    assert "a recipe is a mapping" in p
+
+
+def test_cross_field_rules():
+    assert "cannot be fine-tuned in full" in errors(MINIMAL.replace("  path: models/x.pth",
+                                                                      "  path: x\n  quantization: nf4"))[0]
+    assert "double_quant needs" in errors(MINIMAL.replace("  path: models/x.pth", "  path: x\n  double_quant: true"))[0]
+    assert "chunk_len (512) must be smaller" in errors(MINIMAL + "  max_length: 256\n  long_context: {mode: chunk}\n")[0]
+    assert "warmup_steps or warmup_ratio" in errors(MINIMAL + "train: {warmup_steps: 1, warmup_ratio: 0.1}\n")[0]
+    assert "push: true needs repo_id" in errors(MINIMAL + "hub: {push: true}\n")[0]
+    (p,) = errors(MINIMAL + "hub:\n  repo_id: me/x\n  token: hf_abc\n")
+    assert "tokens are never stored in recipes" in p
+
+
+def test_yaml_quirks_are_read_as_meant():
+    r = recipe_from_text(MINIMAL + "train:\n  lr: 2e-4\n  mixed_precision: no\n", "r.yaml")
+    assert r.train.lr == 2e-4 and r.train.mixed_precision == "no"
+
+
+def test_overrides_are_typed_and_reported():
+    r = recipe_from_text(MINIMAL, "r.yaml", ["train.lr=2e-4", "train.batch_size=4", "method.lora.enabled=true",
+                                             "method.lora.targets=[key, value]", "data.pack=true"])
+    assert r.train.lr == 2e-4 and r.train.batch_size == 4 and r.method.kind == "lora"
+    assert r.method.lora.targets == ["key", "value"] and r.data.pack is True
+    (p,) = errors(MINIMAL, ["train.lrr=1"])
+    assert p.startswith("--set train.lrr=1: train.lrr: unknown key 'lrr'; did you mean 'lr'?")
+    (p,) = errors(MINIMAL, ["train.batch_size=abc"])
+    assert p.startswith("--set train.batch_size=abc: train.batch_size: 'abc'")
+    assert "expected KEY=VALUE" in errors(MINIMAL, ["train.lr"])[0]
+    assert "not a section" in errors(MINIMAL, ["model.path.x=1"])[0]
+
+
+def test_dump_round_trip(tmp_path):
+    r = recipe_from_text(MINIMAL + "method: {lora: {enabled: true, targets: [key]}}\n", "r.yaml",
+                         ["train.lr=3e-4"])
+    again = recipe_from_text(r.to_yaml(), "again.yaml")
+    assert again.to_dict() == r.to_dict()
+
+
+def test_load_recipe_missing_file(tmp_path):
+    with pytest.raises(RecipeError, match="no such recipe file"):
+        load_recipe(tmp_path / "nope.yaml")
+
+
+def test_check_paths_names_lines(tmp_path):
+    f = tmp_path / "r.yaml"
+    f.write_text(MINIMAL + "method:\n  state_tuning: {enabled: true, init: missing.pth}\n")
+    probs = check_paths(load_recipe(f))
+    assert any(p.startswith(f"{f}:2: model.path: model file or folder 'models/x.pth' does not exist") for p in probs)
+    assert any(p.startswith(f"{f}:4: data.train:") for p in probs)
+    assert any("method.state_tuning.init: state file 'missing.pth'" in p for p in probs)
+    # a hub-like name is not a missing file (it is checked when loaded)
+    g = tmp_path / "g.yaml"
+    g.write_text(MINIMAL.replace("data/train.jsonl", "someone/some_dataset"))
+    assert not any("data.train" in p for p in check_paths(load_recipe(g)))
+
+
+def test_assets_prefix():
+    assert resolve_path("assets:quickstart/model").parts[-3:] == ("assets", "quickstart", "model")

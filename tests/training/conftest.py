@@ -1,0 +1,18 @@
+import pytest
+
+from tests.training.helpers import byte_tokenizer, chat_rows, tiny_model_file, write_jsonl
+
+
+@pytest.fixture(scope="session")
+def tok():
+    return byte_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    return tiny_model_file(tmp_path_factory.mktemp("model") / "tiny.pth")
+
+
+@pytest.fixture(scope="session")
+def chat_file(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("data") / "chat.jsonl", chat_rows(24))
