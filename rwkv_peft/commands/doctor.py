@@ -1,11 +1,12 @@
 """rwkv-peft doctor"""
 import platform
 
-HELP = "print the versions, devices and the WKV kernel path in use, and why"
+HELP = ("print the versions, devices and the WKV kernel path in use, and why (on a GPU this builds the kernel, "
+        "or loads its cached build)")
 
 
 def add_arguments(p):
-    p.add_argument("--build", action="store_true", help="build the CUDA kernel now if it can be used")
+    pass
 
 
 def run(args) -> int:

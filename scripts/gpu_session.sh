@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Everything that needs a GPU, in one run (for a session lent a GPU machine; see docs/kernels.md):
+#   1. build the CUDA WKV-7 kernel and run the GPU tests (kernel vs the fp32/fp64 reference, all gradients),
+#   2. compute-sanitizer memcheck on the small kernel cases,
+#   3. the kernel benchmark (this kernel vs torch chunked vs flash-linear-attention when importable),
+#   4. optionally the memory benchmark for one shape (MEMORY_SHAPES=1.5B, ...).
+# Results go to $OUT (or ./gpu_results). Usage: OUT=/some/dir bash scripts/gpu_session.sh [step ...]
+# where step is any of: tests sanitizer bench memory (default: tests sanitizer bench).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-gpu_results}"
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" RWKV_PEFT_KERNEL_CACHE="${RWKV_PEFT_KERNEL_CACHE:-$PWD/.kernel_cache}"
+steps=("$@")
+[ ${#steps[@]} -eq 0 ] && steps=(tests sanitizer bench)
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
+python -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
+status=0
+for step in "${steps[@]}"; do
+  case "$step" in
+    tests)
+      python -m rwkv_peft.cli doctor 2>&1 | tee "$OUT/doctor.txt"
+      python -m pytest -q -m cuda tests/ops/test_wkv7_cuda.py -x 2>&1 | tee "$OUT/cuda_tests.txt" || status=1 ;;
+    sanitizer)
+      compute-sanitizer --tool memcheck python -m pytest -q -m cuda -k small tests/ops/test_wkv7_cuda.py \
+        2>&1 | tail -40 | tee "$OUT/memcheck.txt" || status=1 ;;
+    bench)
+      python scripts/bench_wkv.py --json "$OUT/bench_wkv.json" 2>&1 | tee "$OUT/bench_wkv.txt" || status=1 ;;
+    memory)
+      for shape in ${MEMORY_SHAPES:-1.5B}; do
+        python scripts/bench_memory.py --shapes "$shape" --json "$OUT/bench_memory_$shape.json" 2>&1 \
+          | tee "$OUT/bench_memory_$shape.txt" || status=1
+      done ;;
+    *) echo "unknown step: $step" >&2; status=2 ;;
+  esac
+done
+exit $status
