@@ -4,6 +4,7 @@ Importing the package registers the RWKV-7 classes with transformers' Auto class
 """
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
+from .models.rwkv6 import RWKV6Config, RWKV6ForCausalLM, RWKV6Model
 from .models.rwkv7 import RWKV7Config, RWKV7ForCausalLM, RWKV7Model
 from .tokenization import RWKVWorldTokenizer
 
@@ -13,5 +14,10 @@ AutoConfig.register(RWKV7Config.model_type, RWKV7Config, exist_ok=True)
 AutoModel.register(RWKV7Config, RWKV7Model, exist_ok=True)
 AutoModelForCausalLM.register(RWKV7Config, RWKV7ForCausalLM, exist_ok=True)
 AutoTokenizer.register(RWKV7Config, slow_tokenizer_class=RWKVWorldTokenizer, exist_ok=True)
+AutoConfig.register(RWKV6Config.model_type, RWKV6Config, exist_ok=True)
+AutoModel.register(RWKV6Config, RWKV6Model, exist_ok=True)
+AutoModelForCausalLM.register(RWKV6Config, RWKV6ForCausalLM, exist_ok=True)
+AutoTokenizer.register(RWKV6Config, slow_tokenizer_class=RWKVWorldTokenizer, exist_ok=True)
 
-__all__ = ["RWKV7Config", "RWKV7Model", "RWKV7ForCausalLM", "RWKVWorldTokenizer", "__version__"]
+__all__ = ["RWKV7Config", "RWKV7Model", "RWKV7ForCausalLM", "RWKV6Config", "RWKV6Model", "RWKV6ForCausalLM",
+           "RWKVWorldTokenizer", "__version__"]

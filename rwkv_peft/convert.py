@@ -17,6 +17,8 @@ from typing import Dict, Optional, Tuple
 import torch
 from safetensors.torch import load_file, save_file
 
+from .models.rwkv6 import convert_rwkv6
+from .models.rwkv6.configuration_rwkv6 import RWKV6Config
 from .models.rwkv7.configuration_rwkv7 import RWKV7Config
 from .models.rwkv7.convert_rwkv7 import (
     CheckpointError, blinkdl_to_hf, detect_version, fla_to_hf, hf_to_blinkdl,
@@ -117,6 +119,9 @@ def load_any(src: os.PathLike) -> Tuple[RWKV7Config, StateDict, str]:
     if src.is_dir():
         raw = read_folder_config(src)
         sd = load_folder_state_dict(src)
+        if raw.get("model_type") == RWKV6Config.model_type:
+            config = RWKV6Config.from_dict({k: v for k, v in raw.items() if k not in ("architectures", "auto_map")})
+            return config, sd, "hf"
         if raw.get("model_type") == RWKV7Config.model_type:
             config = RWKV7Config.from_dict({k: v for k, v in raw.items() if k not in ("architectures", "auto_map")})
             return config, sd, "hf"
@@ -131,19 +136,38 @@ def load_any(src: os.PathLike) -> Tuple[RWKV7Config, StateDict, str]:
         version = detect_version(sd)
     except CheckpointError as e:
         raise CheckpointError(f"{src}: {e}") from None
+    if version == "6":
+        config, hf = convert_rwkv6.blinkdl_to_hf(sd, where=str(src))
+        return config, hf, "pth"
     if version != "7":
-        raise CheckpointError(f"{src}: RWKV-{version} checkpoint; only RWKV-7 is supported so far")
+        raise CheckpointError(f"{src}: RWKV-{version} checkpoint; only RWKV-6 and RWKV-7 are supported so far")
     config, hf = blinkdl_to_hf(sd, where=str(src))
     return config, hf, "pth"
 
 
 # ---- writing ------------------------------------------------------------------------------------------------
 
+def causal_lm_class(config):
+    """The model class of a config ``load_any`` returned (RWKV6ForCausalLM or RWKV7ForCausalLM)."""
+    if isinstance(config, RWKV6Config):
+        from .models.rwkv6 import RWKV6ForCausalLM
+        return RWKV6ForCausalLM
+    from .models.rwkv7 import RWKV7ForCausalLM
+    return RWKV7ForCausalLM
+
+
+def to_blinkdl(sd: StateDict, config) -> StateDict:
+    """Our state dict -> BlinkDL keys, for either version."""
+    if isinstance(config, RWKV6Config):
+        return convert_rwkv6.hf_to_blinkdl(sd, config)
+    return hf_to_blinkdl(sd, config)
+
+
 def save_hf_folder(config: RWKV7Config, sd: StateDict, dst: os.PathLike, tokenizer: Optional[bool] = None) -> None:
     """Write ``config.json`` + ``model.safetensors`` (tensors byte for byte) (+ the World tokenizer)."""
     dtypes = {t.dtype for t in sd.values()}
     config.dtype = str(next(iter(dtypes))).replace("torch.", "") if len(dtypes) == 1 else "float32"
-    config.architectures = ["RWKV7ForCausalLM"]
+    config.architectures = [causal_lm_class(config).__name__]
     with atomic_path(dst, is_dir=True) as tmp:
         config.save_pretrained(tmp)
         save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
@@ -159,7 +183,7 @@ def _save_world_tokenizer(folder: Path) -> None:
 def save_model_pth(model, path: os.PathLike) -> None:
     """Write a loaded ``RWKV7ForCausalLM`` as a BlinkDL ``.pth`` (the official package loads it)."""
     sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    save_pth(hf_to_blinkdl(sd, model.config), path)
+    save_pth(to_blinkdl(sd, model.config), path)
 
 
 def convert(src: os.PathLike, dst: os.PathLike, dtype: Optional[str] = None) -> str:
@@ -176,7 +200,7 @@ def convert(src: os.PathLike, dst: os.PathLike, dtype: Optional[str] = None) -> 
             raise CheckpointError(f"--dtype {dtype!r} is not a torch dtype (float32, bfloat16, float16)")
         sd = {k: v.to(target) for k, v in sd.items()}
     if dst.suffix == ".pth":
-        save_pth(hf_to_blinkdl(sd, config), dst)
+        save_pth(to_blinkdl(sd, config), dst)
         return f"{src} ({kind}) -> {dst} (BlinkDL .pth): {config.describe()}"
     save_hf_folder(config, sd, dst)
     return f"{src} ({kind}) -> {dst} (Hugging Face folder): {config.describe()}"

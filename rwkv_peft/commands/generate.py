@@ -30,15 +30,14 @@ def load_for_inference(model_path, adapter=None, tokenizer=None, dtype="float32"
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..convert import load_any
-    from ..models.rwkv7 import RWKV7ForCausalLM
+    from ..convert import causal_lm_class, load_any
     from ..tokenization import RWKVWorldTokenizer
 
     path = Path(model_path)
     if path.is_file():
         config, sd, _ = load_any(path)
         with torch.device("meta"):
-            model = RWKV7ForCausalLM(config)
+            model = causal_lm_class(config)(config)
         model.load_state_dict(sd, assign=True)
         model = model.to(getattr(torch, dtype))
     else:

@@ -23,7 +23,9 @@ from torch import nn
 
 QUANTIZATIONS = (None, "nf4", "fp4", "int8")
 # suffixes (transformers matches modules-not-to-convert as prefixes, regexes or suffixes of module names)
-KEEP_HIGH_PRECISION = ["head"] + [f"att.{x}_lora.{p}" for x in "wavg" for p in ("down", "up")]
+# modules bitsandbytes leaves unquantized: the head and the small low-rank maps (v7: w/a/v/g; v6: maa/decay)
+KEEP_HIGH_PRECISION = (["head"] + [f"att.{x}_lora.{p}" for x in "wavg" for p in ("down", "up")]
+                       + ["att.maa_lora.down", "att.decay_lora.down", "att.decay_lora.up"])
 
 
 def torch_dtype(dtype: Union[str, torch.dtype]) -> torch.dtype:
@@ -88,9 +90,9 @@ def _single_device(device_map):
 
 
 def _build_from_state_dict(config, sd, dtype: torch.dtype, device=None):
-    from ..models.rwkv7.modeling_rwkv7 import RWKV7ForCausalLM
+    from ..convert import causal_lm_class
     with torch.device("meta"):
-        model = RWKV7ForCausalLM(config)
+        model = causal_lm_class(config)(config)
     sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
     missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
     missing = [k for k in missing if not k.endswith("att.time_state")]
@@ -121,6 +123,7 @@ def load_base_model(path: Union[str, os.PathLike], dtype: Union[str, torch.dtype
     from transformers import AutoModelForCausalLM
 
     from .. import convert as conv
+    from ..models.rwkv6.configuration_rwkv6 import RWKV6Config
     from ..models.rwkv7.configuration_rwkv7 import RWKV7Config
 
     path = Path(path)
@@ -133,7 +136,8 @@ def load_base_model(path: Union[str, os.PathLike], dtype: Union[str, torch.dtype
     qconf = bnb_config(quantization, dt, double_quant)
     device_map = device_map if device_map is not None else _default_device_map(quantization)
 
-    is_ours = path.is_dir() and conv.read_folder_config(path).get("model_type") == RWKV7Config.model_type
+    is_ours = path.is_dir() and conv.read_folder_config(path).get("model_type") in (RWKV7Config.model_type,
+                                                                                     RWKV6Config.model_type)
     if is_ours:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, quantization_config=qconf,
                                                      device_map=device_map)

@@ -111,11 +111,10 @@ def load_tokenizer(mcfg, log=print):
 
 def _plain_load(mcfg):
     """Load a base model without the methods module (full fine-tune of a full-precision model)."""
-    from ..convert import load_any
-    from ..models.rwkv7 import RWKV7ForCausalLM
+    from ..convert import causal_lm_class, load_any
     config, sd, _ = load_any(resolve_path(mcfg.path))
     with torch.device("meta"):
-        model = RWKV7ForCausalLM(config)
+        model = causal_lm_class(config)(config)
     model.load_state_dict(sd, strict=True, assign=True)
     return model.to(getattr(torch, mcfg.dtype))
 

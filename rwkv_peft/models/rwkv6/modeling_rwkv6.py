@@ -1,0 +1,336 @@
+"""RWKV-6 "Finch" as a transformers model.
+
+Shapes: B batch, T tokens, C = hidden_size, H heads of N = head_size channels (C = H * N), V vocab.
+
+The recurrent state of one layer is ``(att_shift [B, C], wkv [B, H, N, N], ffn_shift [B, C])``, all fp32, the
+WKV state laid out ``S[h, key, value]`` as in the official package's v6 state. ``forward`` takes it (``state=``)
+and returns it, so a long sequence run in chunks gives the logits of one pass, and ``generate`` uses it as its
+cache.
+
+``att.time_state`` (with ``config.use_initial_state``) is kept in the layout of state files and of the
+``.pth`` key ``blocks.N.att.time_state``, ``[h, value, key]``; the model starts from its transpose, as the
+official package does.
+
+``attention_mask`` zeros mark padding anywhere in a row: a padded token leaves every state untouched (its key
+and value are zeroed with decay 1, and token shift skips it), so left-padded batched prompts generate exactly
+as each prompt alone.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.utils import ModelOutput
+
+from ...ops.wkv6 import wkv6
+from ..rwkv7.modeling_rwkv7 import LowRank, chunked_causal_lm_loss, token_shift
+from .configuration_rwkv6 import RWKV6Config
+
+LayerState = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+MIX_NAMES = ("w", "k", "v", "r", "g")  # the order of the five data-dependent mixes in time_maa_w1 / w2
+
+
+class MixLowRank(nn.Module):
+    """The five data-dependent token-mix offsets: ``up[i] . tanh(down(x))[i]`` for i in w, k, v, r, g.
+
+    ``down`` is ``Linear(C, 5 * D)`` (weight = ``.pth time_maa_w1`` transposed); ``up`` is ``[5, D, C]``
+    (``time_maa_w2`` as it is).
+    """
+
+    def __init__(self, dim: int, rank: int):
+        super().__init__()
+        self.rank = rank
+        self.down = nn.Linear(dim, 5 * rank, bias=False)
+        self.up = nn.Parameter(torch.zeros(5, rank, dim))
+
+    def forward(self, x):
+        h = torch.tanh(self.down(x)).unflatten(-1, (5, self.rank))               # [B, T, 5, D]
+        return torch.einsum("btfd,fdc->fbtc", h, self.up.to(h.dtype)).unbind(0)  # 5 x [B, T, C]
+
+
+class RWKV6TimeMix(nn.Module):
+    def __init__(self, config: RWKV6Config, layer_idx: int):
+        super().__init__()
+        C, H, N = config.hidden_size, config.num_heads, config.head_size
+        self.layer_idx, self.num_heads, self.head_size = layer_idx, H, N
+        for name in ("x",) + MIX_NAMES:
+            setattr(self, f"time_maa_{name}", nn.Parameter(torch.zeros(C)))
+        self.maa_lora = MixLowRank(C, config.mix_low_rank)
+        self.time_decay = nn.Parameter(torch.zeros(C))
+        self.decay_lora = LowRank(C, config.decay_low_rank)
+        self.time_faaaa = nn.Parameter(torch.zeros(H, N))
+        self.receptance = nn.Linear(C, C, bias=False)
+        self.key = nn.Linear(C, C, bias=False)
+        self.value = nn.Linear(C, C, bias=False)
+        self.gate = nn.Linear(C, C, bias=False)
+        self.output = nn.Linear(C, C, bias=False)
+        self.ln_x = nn.GroupNorm(H, C, eps=config.head_norm_eps)
+        self.time_state = nn.Parameter(torch.zeros(H, N, N)) if config.use_initial_state else None
+
+    def forward(self, x, shift: Optional[torch.Tensor], wkv_state: Optional[torch.Tensor],
+                mask: Optional[torch.Tensor]):
+        B, T, C = x.shape
+        H, N = self.num_heads, self.head_size
+        x_prev, shift_out = token_shift(x, shift, mask)
+        xx = x_prev - x
+        mw, mk, mv, mr, mg = self.maa_lora(x + xx * self.time_maa_x)
+        xw = x + xx * (self.time_maa_w + mw)
+        xk = x + xx * (self.time_maa_k + mk)
+        xv = x + xx * (self.time_maa_v + mv)
+        xr = x + xx * (self.time_maa_r + mr)
+        xg = x + xx * (self.time_maa_g + mg)
+
+        r = self.receptance(xr)
+        k = self.key(xk)
+        v = self.value(xv)
+        g = F.silu(self.gate(xg))
+        w = -torch.exp((self.time_decay + self.decay_lora(xw, torch.tanh)).float())   # log decay, fp32
+
+        if wkv_state is None and self.time_state is not None:
+            wkv_state = self.time_state.transpose(-1, -2)                          # [H, N(key), N(value)]
+        if mask is not None:  # padding leaves the state untouched: no write, no decay
+            m = mask.to(k.dtype)[..., None]
+            k, v, w = k * m, v * m, torch.where(m.bool(), w, 0.0)
+        heads = lambda t: t.reshape(B, T, H, N)  # noqa: E731
+        o, wkv_out = wkv6(heads(r), heads(w), heads(k), heads(v), self.time_faaaa, initial_state=wkv_state)
+        o = self.ln_x(o.reshape(B * T, C)).view(B, T, C)
+        return self.output(o * g), shift_out, wkv_out
+
+
+class RWKV6ChannelMix(nn.Module):
+    def __init__(self, config: RWKV6Config, layer_idx: int):
+        super().__init__()
+        C = config.hidden_size
+        self.layer_idx = layer_idx
+        self.time_maa_k = nn.Parameter(torch.zeros(C))
+        self.time_maa_r = nn.Parameter(torch.zeros(C))
+        self.key = nn.Linear(C, config.intermediate_size, bias=False)
+        self.receptance = nn.Linear(C, C, bias=False)
+        self.value = nn.Linear(config.intermediate_size, C, bias=False)
+
+    def forward(self, x, shift: Optional[torch.Tensor], mask: Optional[torch.Tensor]):
+        x_prev, shift_out = token_shift(x, shift, mask)
+        xx = x_prev - x
+        k = torch.relu(self.key(x + xx * self.time_maa_k)) ** 2
+        r = torch.sigmoid(self.receptance(x + xx * self.time_maa_r))
+        return r * self.value(k), shift_out
+
+
+class RWKV6Block(GradientCheckpointingLayer):
+    def __init__(self, config: RWKV6Config, layer_idx: int):
+        super().__init__()
+        C, eps = config.hidden_size, config.layer_norm_eps
+        self.ln1 = nn.LayerNorm(C, eps=eps)
+        self.ln2 = nn.LayerNorm(C, eps=eps)
+        self.att = RWKV6TimeMix(config, layer_idx)
+        self.ffn = RWKV6ChannelMix(config, layer_idx)
+
+    def forward(self, x, state: Optional[LayerState] = None, mask: Optional[torch.Tensor] = None):
+        att_shift, wkv_state, ffn_shift = state if state is not None else (None, None, None)
+        dx, att_shift, wkv_state = self.att(self.ln1(x), att_shift, wkv_state, mask)
+        x = x + dx
+        dx, ffn_shift = self.ffn(self.ln2(x), ffn_shift, mask)
+        x = x + dx
+        return x, (att_shift.float(), wkv_state, ffn_shift.float())
+
+
+@dataclass
+class RWKV6Output(ModelOutput):
+    last_hidden_state: Optional[torch.FloatTensor] = None
+    state: Optional[List[LayerState]] = None
+    hidden_states: Optional[Tuple[torch.FloatTensor, ...]] = None
+
+
+@dataclass
+class RWKV6CausalLMOutput(ModelOutput):
+    loss: Optional[torch.FloatTensor] = None
+    logits: Optional[torch.FloatTensor] = None
+    state: Optional[List[LayerState]] = None
+    hidden_states: Optional[Tuple[torch.FloatTensor, ...]] = None
+
+
+class RWKV6PreTrainedModel(PreTrainedModel):
+    config_class = RWKV6Config
+    config: RWKV6Config
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["RWKV6Block"]
+    _is_stateful = True
+    _keys_to_ignore_on_load_missing = [r"att\.time_state"]
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        """Random init in the spirit of the official v6 training code (used by ``from_config``)."""
+        cfg = self.config
+        if isinstance(module, RWKV6TimeMix):
+            L, i, C = cfg.num_hidden_layers, module.layer_idx, cfg.hidden_size
+            r01 = i / max(L - 1, 1)                     # 0 at the first layer, 1 at the last
+            r1a0 = 1.0 - i / L                          # 1 at the first layer, towards 0 at the last
+            ddd = torch.arange(C, dtype=torch.float32) / C
+            module.time_maa_x.copy_(1.0 - ddd ** r1a0)
+            module.time_maa_w.copy_(1.0 - ddd ** r1a0)
+            module.time_maa_k.copy_(1.0 - ddd ** r1a0)
+            module.time_maa_v.copy_(1.0 - (ddd ** r1a0 + 0.3 * r01))
+            module.time_maa_r.copy_(1.0 - ddd ** (0.5 * r1a0))
+            module.time_maa_g.copy_(1.0 - ddd ** (0.5 * r1a0))
+            nn.init.zeros_(module.maa_lora.down.weight)
+            nn.init.uniform_(module.maa_lora.up, -0.01, 0.01)
+            n = torch.arange(C, dtype=torch.float32)
+            module.time_decay.copy_(-6 + 5 * (n / (C - 1)) ** (0.7 + 1.3 * r01))
+            nn.init.zeros_(module.decay_lora.down.weight)
+            nn.init.uniform_(module.decay_lora.up.weight, -0.01, 0.01)
+            bonus = r01 * (1 - n / (C - 1)) + ((n + 1) % 3 - 1) * 0.1
+            module.time_faaaa.copy_(bonus.view_as(module.time_faaaa))
+            for lin in (module.receptance, module.key, module.value, module.gate):
+                nn.init.uniform_(lin.weight, -0.5 / C ** 0.5, 0.5 / C ** 0.5)
+            nn.init.zeros_(module.output.weight)
+            module.ln_x.weight.fill_(((1 + i) / L) ** 0.7)
+            module.ln_x.bias.zero_()
+            if module.time_state is not None:
+                module.time_state.zero_()
+        elif isinstance(module, RWKV6ChannelMix):
+            C = cfg.hidden_size
+            r1a0 = 1.0 - module.layer_idx / cfg.num_hidden_layers
+            ddd = torch.arange(C, dtype=torch.float32) / C
+            module.time_maa_k.copy_(1.0 - ddd ** r1a0)
+            module.time_maa_r.copy_(1.0 - ddd ** r1a0)
+            nn.init.uniform_(module.key.weight, -0.5 / C ** 0.5, 0.5 / C ** 0.5)
+            nn.init.zeros_(module.receptance.weight)
+            nn.init.zeros_(module.value.weight)
+        elif isinstance(module, nn.Embedding):
+            nn.init.uniform_(module.weight, -1e-4, 1e-4)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Linear) and module.weight.shape[0] == cfg.vocab_size:
+            scale = 0.5 * math.sqrt(cfg.vocab_size / cfg.hidden_size) if cfg.vocab_size > cfg.hidden_size else 0.5
+            nn.init.orthogonal_(module.weight, gain=scale)
+
+
+class RWKV6Model(RWKV6PreTrainedModel):
+    def __init__(self, config: RWKV6Config):
+        super().__init__(config)
+        C = config.hidden_size
+        self.emb = nn.Embedding(config.vocab_size, C)
+        self.ln0 = nn.LayerNorm(C, eps=config.layer_norm_eps)
+        self.blocks = nn.ModuleList([RWKV6Block(config, i) for i in range(config.num_hidden_layers)])
+        self.ln_out = nn.LayerNorm(C, eps=config.layer_norm_eps)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.emb
+
+    def set_input_embeddings(self, value):
+        self.emb = value
+
+    def init_state(self, batch_size: int, device=None) -> List[LayerState]:
+        """The state a sequence starts from: zeros, or the learned initial WKV state (transposed to
+        ``[key, value]``) where there is one."""
+        cfg, device = self.config, device or self.emb.weight.device
+        C, H, N = cfg.hidden_size, cfg.num_heads, cfg.head_size
+        state = []
+        for block in self.blocks:
+            ts = block.att.time_state
+            wkv = (ts.detach().float().transpose(-1, -2).expand(batch_size, H, N, N).clone() if ts is not None
+                   else torch.zeros(batch_size, H, N, N, device=device))
+            state.append((torch.zeros(batch_size, C, device=device), wkv.to(device),
+                          torch.zeros(batch_size, C, device=device)))
+        return state
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, state=None, use_cache=None,
+                output_hidden_states=None, return_dict=None, **kwargs):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if inputs_embeds is None:
+            inputs_embeds = self.emb(input_ids)
+        if state is not None and len(state) != len(self.blocks):
+            raise ValueError(f"state has {len(state)} layers; the model has {len(self.blocks)}")
+        mask = None
+        if attention_mask is not None and not bool(attention_mask.all()):
+            mask = attention_mask
+
+        x = self.ln0(inputs_embeds)                                                  # [B, T, C]
+        all_hidden = (x,) if output_hidden_states else None
+        new_state = []
+        for i, block in enumerate(self.blocks):
+            x, layer_state = block(x, state=None if state is None else state[i], mask=mask)
+            new_state.append(layer_state)
+            if output_hidden_states and i < len(self.blocks) - 1:
+                all_hidden += (x,)
+        x = self.ln_out(x)
+        if output_hidden_states:
+            all_hidden += (x,)
+        out_state = new_state if (use_cache or state is not None) else None
+        if not return_dict:
+            return tuple(t for t in (x, out_state, all_hidden) if t is not None)
+        return RWKV6Output(last_hidden_state=x, state=out_state, hidden_states=all_hidden)
+
+
+class RWKV6ForCausalLM(RWKV6PreTrainedModel, GenerationMixin):
+    def __init__(self, config: RWKV6Config):
+        super().__init__(config)
+        self.model = RWKV6Model(config)
+        self.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_output_embeddings(self):
+        return self.head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.head = new_embeddings
+
+    def init_state(self, batch_size: int, device=None) -> List[LayerState]:
+        return self.model.init_state(batch_size, device)
+
+    def prepare_inputs_for_generation(self, input_ids, state=None, inputs_embeds=None, attention_mask=None,
+                                      use_cache=None, **kwargs):
+        # The state holds the whole prefix: after the prefill only the newest token is fed.
+        if state is not None:
+            return {"input_ids": input_ids[:, -1:], "state": state, "use_cache": True}
+        if inputs_embeds is not None:
+            return {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask, "use_cache": True}
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": True}
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, state=None, labels=None,
+                use_cache=None, output_hidden_states=None, return_dict=None, logits_to_keep=0,
+                return_logits: bool = True, loss_chunk_size: int = 1024, **kwargs):
+        """``labels`` are shifted inside (``labels = input_ids`` works; -100 is ignored).
+
+        ``return_logits=False`` with ``labels`` computes the loss ``loss_chunk_size`` tokens at a time and
+        recomputes each chunk's logits in the backward, so the ``[B, T, V]`` logits never exist at once;
+        ``logits`` is then None. Training uses this.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                         state=state, use_cache=use_cache, output_hidden_states=output_hidden_states,
+                         return_dict=True)
+        hidden = out.last_hidden_state
+        if labels is not None and not return_logits:
+            loss = chunked_causal_lm_loss(hidden, self.head, labels, loss_chunk_size,
+                                          kwargs.get("num_items_in_batch"))
+            if not return_dict:
+                return tuple(t for t in (loss, out.state, out.hidden_states) if t is not None)
+            return RWKV6CausalLMOutput(loss=loss, logits=None, state=out.state, hidden_states=out.hidden_states)
+        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            hidden = hidden[:, -logits_to_keep:]
+        elif isinstance(logits_to_keep, torch.Tensor):
+            hidden = hidden[:, logits_to_keep]
+        logits = self.head(hidden)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        if not return_dict:
+            rest = tuple(t for t in (logits, out.state, out.hidden_states) if t is not None)
+            return ((loss,) + rest) if loss is not None else rest
+        return RWKV6CausalLMOutput(loss=loss, logits=logits, state=out.state, hidden_states=out.hidden_states)
