@@ -18,21 +18,18 @@ as each prompt alone.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.utils import ModelOutput
 
 from ...ops.wkv6 import wkv6
-from ..rwkv7.modeling_rwkv7 import LowRank, chunked_causal_lm_loss, token_shift
+from ..common import LayerState, LowRank, RWKVGenerationMixin, RWKVCausalLMOutput, RWKVOutput, token_shift
 from .configuration_rwkv6 import RWKV6Config
 
-LayerState = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 MIX_NAMES = ("w", "k", "v", "r", "g")  # the order of the five data-dependent mixes in time_maa_w1 / w2
 
 
@@ -138,21 +135,6 @@ class RWKV6Block(GradientCheckpointingLayer):
         dx, ffn_shift = self.ffn(self.ln2(x), ffn_shift, mask)
         x = x + dx
         return x, (att_shift.float(), wkv_state, ffn_shift.float())
-
-
-@dataclass
-class RWKV6Output(ModelOutput):
-    last_hidden_state: Optional[torch.FloatTensor] = None
-    state: Optional[List[LayerState]] = None
-    hidden_states: Optional[Tuple[torch.FloatTensor, ...]] = None
-
-
-@dataclass
-class RWKV6CausalLMOutput(ModelOutput):
-    loss: Optional[torch.FloatTensor] = None
-    logits: Optional[torch.FloatTensor] = None
-    state: Optional[List[LayerState]] = None
-    hidden_states: Optional[Tuple[torch.FloatTensor, ...]] = None
 
 
 class RWKV6PreTrainedModel(PreTrainedModel):
@@ -274,63 +256,15 @@ class RWKV6Model(RWKV6PreTrainedModel):
         out_state = new_state if (use_cache or state is not None) else None
         if not return_dict:
             return tuple(t for t in (x, out_state, all_hidden) if t is not None)
-        return RWKV6Output(last_hidden_state=x, state=out_state, hidden_states=all_hidden)
+        return RWKVOutput(last_hidden_state=x, state=out_state, hidden_states=all_hidden)
 
 
-class RWKV6ForCausalLM(RWKV6PreTrainedModel, GenerationMixin):
+class RWKV6ForCausalLM(RWKVGenerationMixin, RWKV6PreTrainedModel):
     def __init__(self, config: RWKV6Config):
         super().__init__(config)
         self.model = RWKV6Model(config)
         self.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
-    def get_output_embeddings(self):
-        return self.head
 
-    def set_output_embeddings(self, new_embeddings):
-        self.head = new_embeddings
-
-    def init_state(self, batch_size: int, device=None) -> List[LayerState]:
-        return self.model.init_state(batch_size, device)
-
-    def prepare_inputs_for_generation(self, input_ids, state=None, inputs_embeds=None, attention_mask=None,
-                                      use_cache=None, **kwargs):
-        # The state holds the whole prefix: after the prefill only the newest token is fed.
-        if state is not None:
-            return {"input_ids": input_ids[:, -1:], "state": state, "use_cache": True}
-        if inputs_embeds is not None:
-            return {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask, "use_cache": True}
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": True}
-
-    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, state=None, labels=None,
-                use_cache=None, output_hidden_states=None, return_dict=None, logits_to_keep=0,
-                return_logits: bool = True, loss_chunk_size: int = 1024, **kwargs):
-        """``labels`` are shifted inside (``labels = input_ids`` works; -100 is ignored).
-
-        ``return_logits=False`` with ``labels`` computes the loss ``loss_chunk_size`` tokens at a time and
-        recomputes each chunk's logits in the backward, so the ``[B, T, V]`` logits never exist at once;
-        ``logits`` is then None. Training uses this.
-        """
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-                         state=state, use_cache=use_cache, output_hidden_states=output_hidden_states,
-                         return_dict=True)
-        hidden = out.last_hidden_state
-        if labels is not None and not return_logits:
-            loss = chunked_causal_lm_loss(hidden, self.head, labels, loss_chunk_size,
-                                          kwargs.get("num_items_in_batch"))
-            if not return_dict:
-                return tuple(t for t in (loss, out.state, out.hidden_states) if t is not None)
-            return RWKV6CausalLMOutput(loss=loss, logits=None, state=out.state, hidden_states=out.hidden_states)
-        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
-            hidden = hidden[:, -logits_to_keep:]
-        elif isinstance(logits_to_keep, torch.Tensor):
-            hidden = hidden[:, logits_to_keep]
-        logits = self.head(hidden)
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        if not return_dict:
-            rest = tuple(t for t in (logits, out.state, out.hidden_states) if t is not None)
-            return ((loss,) + rest) if loss is not None else rest
-        return RWKV6CausalLMOutput(loss=loss, logits=logits, state=out.state, hidden_states=out.hidden_states)
+RWKV6Output, RWKV6CausalLMOutput = RWKVOutput, RWKVCausalLMOutput  # names kept for callers

@@ -1,0 +1,149 @@
+"""Pieces every RWKV version shares: token shift, low-rank maps, the chunked loss, outputs, the causal-LM head.
+
+Each version's modeling file defines its time mix, channel mix, block and base model; its ``...ForCausalLM``
+combines ``RWKVGenerationMixin`` (forward with labels, chunked loss, generation with the state as cache) with
+``self.model`` and ``self.head``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin
+from transformers.utils import ModelOutput
+
+LayerState = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def token_shift(x: torch.Tensor, prev: Optional[torch.Tensor], mask: Optional[torch.Tensor]):
+    """The previous token's ``x`` for every position, and the last one (the next shift state).
+
+    x: [B, T, C]; prev: [B, C] or None (zeros); mask: [B, T] (1 = real token) or None.
+    Padded positions are skipped: a token sees the last *real* token before it, or ``prev``.
+    """
+    B, T, C = x.shape
+    prev = x.new_zeros(B, C) if prev is None else prev.to(x.dtype)
+    if mask is None:
+        return torch.cat([prev[:, None], x[:, :-1]], dim=1), x[:, -1]
+    xp = torch.cat([prev[:, None], x], dim=1)                                   # [B, T+1, C]
+    pos = torch.arange(1, T + 1, device=x.device).expand(B, T)
+    last_real = torch.where(mask.bool(), pos, 0).cummax(dim=1).values           # [B, T] index into xp
+    prev_idx = torch.cat([last_real.new_zeros(B, 1), last_real[:, :-1]], dim=1)
+    shifted = xp.gather(1, prev_idx[..., None].expand(B, T, C))
+    last = xp.gather(1, last_real[:, -1:, None].expand(B, 1, C))[:, 0]
+    return shifted, last
+
+
+class LowRank(nn.Module):
+    """``up(act(down(x)))``: the small low-rank maps of the time mix (w1/w2, a1/a2, v1/v2, g1/g2 in .pth)."""
+
+    def __init__(self, dim: int, rank: int):
+        super().__init__()
+        self.down = nn.Linear(dim, rank, bias=False)   # weight [rank, C] = (.pth x1).T
+        self.up = nn.Linear(rank, dim, bias=False)     # weight [C, rank] = (.pth x2).T
+
+    def forward(self, x, act=None):
+        h = self.down(x)
+        return self.up(act(h) if act is not None else h)
+
+
+@dataclass
+class RWKVOutput(ModelOutput):
+    last_hidden_state: Optional[torch.FloatTensor] = None
+    state: Optional[List[LayerState]] = None
+    hidden_states: Optional[Tuple[torch.FloatTensor, ...]] = None
+
+
+@dataclass
+class RWKVCausalLMOutput(ModelOutput):
+    loss: Optional[torch.FloatTensor] = None
+    logits: Optional[torch.FloatTensor] = None
+    state: Optional[List[LayerState]] = None
+    hidden_states: Optional[Tuple[torch.FloatTensor, ...]] = None
+
+
+def _ce_sum(head: nn.Module, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(h).float(), y, ignore_index=-100, reduction="sum")
+
+
+def chunked_causal_lm_loss(hidden, head: nn.Module, labels, chunk_size: int = 1024, num_items_in_batch=None):
+    """Mean next-token cross-entropy over labels != -100, never holding more than ``chunk_size`` rows of logits.
+
+    hidden: [B, T, C]; labels: [B, T] (unshifted). Each chunk's logits are recomputed in the backward.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    C = hidden.shape[-1]
+    h = hidden[:, :-1].reshape(-1, C)                                            # [B*(T-1), C]
+    y = labels[:, 1:].reshape(-1).to(hidden.device)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for s in range(0, h.shape[0], chunk_size):
+        ys = y[s:s + chunk_size]
+        if bool((ys != -100).any()):
+            total = total + checkpoint(_ce_sum, head, h[s:s + chunk_size], ys, use_reentrant=False)
+    count = num_items_in_batch if num_items_in_batch is not None else (y != -100).sum()
+    if isinstance(count, torch.Tensor):
+        count = count.to(total.device)
+    return total / (count.clamp_min(1) if isinstance(count, torch.Tensor) else max(int(count), 1))
+
+
+class RWKVGenerationMixin(GenerationMixin):
+    """The language-model head of every RWKV version: ``self.model`` (returns ``RWKVOutput``) + ``self.head``.
+
+    List it *first* in a model's bases (``class X(RWKVGenerationMixin, XPreTrainedModel)``) so its ``forward``
+    comes before ``nn.Module``'s; transformers' ``can_generate`` looks for "GenerationMixin" in the bases' names.
+    """
+
+    def get_output_embeddings(self):
+        return self.head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.head = new_embeddings
+
+    def init_state(self, batch_size: int, device=None) -> List[LayerState]:
+        return self.model.init_state(batch_size, device)
+
+    def prepare_inputs_for_generation(self, input_ids, state=None, inputs_embeds=None, attention_mask=None,
+                                      use_cache=None, **kwargs):
+        # The state holds the whole prefix: after the prefill only the newest token is fed.
+        if state is not None:
+            return {"input_ids": input_ids[:, -1:], "state": state, "use_cache": True}
+        if inputs_embeds is not None:
+            return {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask, "use_cache": True}
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": True}
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, state=None, labels=None,
+                use_cache=None, output_hidden_states=None, return_dict=None, logits_to_keep=0,
+                return_logits: bool = True, loss_chunk_size: int = 1024, **kwargs):
+        """``labels`` are shifted inside (``labels = input_ids`` works; -100 is ignored).
+
+        ``return_logits=False`` with ``labels`` computes the loss ``loss_chunk_size`` tokens at a time and
+        recomputes each chunk's logits in the backward, so the ``[B, T, V]`` logits (V = 65536) never exist at
+        once; ``logits`` is then None. Training uses this.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                         state=state, use_cache=use_cache, output_hidden_states=output_hidden_states,
+                         return_dict=True)
+        hidden = out.last_hidden_state
+        if labels is not None and not return_logits:
+            loss = chunked_causal_lm_loss(hidden, self.head, labels, loss_chunk_size,
+                                          kwargs.get("num_items_in_batch"))
+            if not return_dict:
+                return tuple(t for t in (loss, out.state, out.hidden_states) if t is not None)
+            return RWKVCausalLMOutput(loss=loss, logits=None, state=out.state, hidden_states=out.hidden_states)
+        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            hidden = hidden[:, -logits_to_keep:]
+        elif isinstance(logits_to_keep, torch.Tensor):
+            hidden = hidden[:, logits_to_keep]
+        logits = self.head(hidden)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        if not return_dict:
+            rest = tuple(t for t in (logits, out.state, out.hidden_states) if t is not None)
+            return ((loss,) + rest) if loss is not None else rest
+        return RWKVCausalLMOutput(loss=loss, logits=logits, state=out.state, hidden_states=out.hidden_states)
