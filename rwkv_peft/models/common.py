@@ -90,6 +90,69 @@ def chunked_causal_lm_loss(hidden, head: nn.Module, labels, chunk_size: int = 10
     return total / (count.clamp_min(1) if isinstance(count, torch.Tensor) else max(int(count), 1))
 
 
+class RWKVModelMixin:
+    """The stack of blocks every RWKV version shares: embeddings -> ln0 -> blocks (state in, state out) -> ln_out.
+
+    A version's model defines ``emb``, ``ln0``, ``blocks`` and ``ln_out``; each block is called as
+    ``block(x, carry, state=layer_state, mask=mask) -> (x, carry, new_layer_state)``.
+    """
+
+    def _learned_to_state(self, time_state: torch.Tensor) -> torch.Tensor:
+        """A layer's learned initial state ``[H, N, N]`` in the layout the WKV op uses (identity for RWKV-7)."""
+        return time_state
+
+    def get_input_embeddings(self):
+        return self.emb
+
+    def set_input_embeddings(self, value):
+        self.emb = value
+
+    def init_state(self, batch_size: int, device=None) -> List[LayerState]:
+        """The state a sequence starts from: zeros, or the learned initial WKV state where there is one."""
+        cfg, device = self.config, device or self.emb.weight.device
+        C, H, N = cfg.hidden_size, cfg.num_heads, cfg.head_size
+        state = []
+        for block in self.blocks:
+            ts = block.att.time_state
+            wkv = (self._learned_to_state(ts.detach().float()).expand(batch_size, H, N, N).clone()
+                   if ts is not None else torch.zeros(batch_size, H, N, N, device=device))
+            state.append((torch.zeros(batch_size, C, device=device), wkv.to(device),
+                          torch.zeros(batch_size, C, device=device)))
+        return state
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, state=None, use_cache=None,
+                output_hidden_states=None, return_dict=None, **kwargs):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if inputs_embeds is None:
+            inputs_embeds = self.emb(input_ids)
+        if state is not None and len(state) != len(self.blocks):
+            raise ValueError(f"state has {len(state)} layers; the model has {len(self.blocks)}")
+        mask = None
+        if attention_mask is not None and not bool(attention_mask.all()):
+            mask = attention_mask
+
+        x = self.ln0(inputs_embeds)                                                  # [B, T, C]
+        carry = torch.empty_like(x)  # what a block hands the next one (RWKV-7: the first layer's v)
+        all_hidden = (x,) if output_hidden_states else None
+        new_state = []
+        for i, block in enumerate(self.blocks):
+            x, carry, layer_state = block(x, carry, state=None if state is None else state[i], mask=mask)
+            new_state.append(layer_state)
+            if output_hidden_states and i < len(self.blocks) - 1:
+                all_hidden += (x,)
+        x = self.ln_out(x)
+        if output_hidden_states:
+            all_hidden += (x,)
+        out_state = new_state if (use_cache or state is not None) else None
+        if not return_dict:
+            return tuple(t for t in (x, out_state, all_hidden) if t is not None)
+        return RWKVOutput(last_hidden_state=x, state=out_state, hidden_states=all_hidden)
+
+
 class RWKVGenerationMixin(GenerationMixin):
     """The language-model head of every RWKV version: ``self.model`` (returns ``RWKVOutput``) + ``self.head``.
 

@@ -18,7 +18,7 @@ as each prompt alone.
 from __future__ import annotations
 
 import math
-from typing import List, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +27,9 @@ from transformers import PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from ...ops.wkv6 import wkv6
-from ..common import LayerState, LowRank, RWKVGenerationMixin, RWKVCausalLMOutput, RWKVOutput, token_shift
+from ..common import (
+    LayerState, LowRank, RWKVCausalLMOutput, RWKVGenerationMixin, RWKVModelMixin, RWKVOutput, token_shift,
+)
 from .configuration_rwkv6 import RWKV6Config
 
 MIX_NAMES = ("w", "k", "v", "r", "g")  # the order of the five data-dependent mixes in time_maa_w1 / w2
@@ -128,13 +130,14 @@ class RWKV6Block(GradientCheckpointingLayer):
         self.att = RWKV6TimeMix(config, layer_idx)
         self.ffn = RWKV6ChannelMix(config, layer_idx)
 
-    def forward(self, x, state: Optional[LayerState] = None, mask: Optional[torch.Tensor] = None):
+    def forward(self, x, carry, state: Optional[LayerState] = None, mask: Optional[torch.Tensor] = None):
+        """``carry`` passes through untouched (RWKV-7 blocks carry ``v_first`` there; one call for both)."""
         att_shift, wkv_state, ffn_shift = state if state is not None else (None, None, None)
         dx, att_shift, wkv_state = self.att(self.ln1(x), att_shift, wkv_state, mask)
         x = x + dx
         dx, ffn_shift = self.ffn(self.ln2(x), ffn_shift, mask)
         x = x + dx
-        return x, (att_shift.float(), wkv_state, ffn_shift.float())
+        return x, carry, (att_shift.float(), wkv_state, ffn_shift.float())
 
 
 class RWKV6PreTrainedModel(PreTrainedModel):
@@ -195,7 +198,7 @@ class RWKV6PreTrainedModel(PreTrainedModel):
             nn.init.orthogonal_(module.weight, gain=scale)
 
 
-class RWKV6Model(RWKV6PreTrainedModel):
+class RWKV6Model(RWKVModelMixin, RWKV6PreTrainedModel):
     def __init__(self, config: RWKV6Config):
         super().__init__(config)
         C = config.hidden_size
@@ -206,57 +209,9 @@ class RWKV6Model(RWKV6PreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
-    def get_input_embeddings(self):
-        return self.emb
-
-    def set_input_embeddings(self, value):
-        self.emb = value
-
-    def init_state(self, batch_size: int, device=None) -> List[LayerState]:
-        """The state a sequence starts from: zeros, or the learned initial WKV state (transposed to
-        ``[key, value]``) where there is one."""
-        cfg, device = self.config, device or self.emb.weight.device
-        C, H, N = cfg.hidden_size, cfg.num_heads, cfg.head_size
-        state = []
-        for block in self.blocks:
-            ts = block.att.time_state
-            wkv = (ts.detach().float().transpose(-1, -2).expand(batch_size, H, N, N).clone() if ts is not None
-                   else torch.zeros(batch_size, H, N, N, device=device))
-            state.append((torch.zeros(batch_size, C, device=device), wkv.to(device),
-                          torch.zeros(batch_size, C, device=device)))
-        return state
-
-    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, state=None, use_cache=None,
-                output_hidden_states=None, return_dict=None, **kwargs):
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids and inputs_embeds")
-        use_cache = self.config.use_cache if use_cache is None else use_cache
-        if output_hidden_states is None:
-            output_hidden_states = self.config.output_hidden_states
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        if inputs_embeds is None:
-            inputs_embeds = self.emb(input_ids)
-        if state is not None and len(state) != len(self.blocks):
-            raise ValueError(f"state has {len(state)} layers; the model has {len(self.blocks)}")
-        mask = None
-        if attention_mask is not None and not bool(attention_mask.all()):
-            mask = attention_mask
-
-        x = self.ln0(inputs_embeds)                                                  # [B, T, C]
-        all_hidden = (x,) if output_hidden_states else None
-        new_state = []
-        for i, block in enumerate(self.blocks):
-            x, layer_state = block(x, state=None if state is None else state[i], mask=mask)
-            new_state.append(layer_state)
-            if output_hidden_states and i < len(self.blocks) - 1:
-                all_hidden += (x,)
-        x = self.ln_out(x)
-        if output_hidden_states:
-            all_hidden += (x,)
-        out_state = new_state if (use_cache or state is not None) else None
-        if not return_dict:
-            return tuple(t for t in (x, out_state, all_hidden) if t is not None)
-        return RWKVOutput(last_hidden_state=x, state=out_state, hidden_states=all_hidden)
+    def _learned_to_state(self, time_state):
+        """State files store v6's state as [h, value, key]; the op runs on [h, key, value]."""
+        return time_state.transpose(-1, -2)
 
 
 class RWKV6ForCausalLM(RWKVGenerationMixin, RWKV6PreTrainedModel):

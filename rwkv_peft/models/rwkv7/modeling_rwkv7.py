@@ -13,7 +13,7 @@ each prompt alone.
 from __future__ import annotations
 
 import math
-from typing import List, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from ...ops.wkv7 import wkv7
 from ..common import (  # noqa: F401  (re-exported: older imports use this module)
-    LayerState, LowRank, RWKVGenerationMixin, RWKVCausalLMOutput, RWKVOutput, chunked_causal_lm_loss, token_shift,
+    LayerState, LowRank, RWKVGenerationMixin, RWKVModelMixin, RWKVCausalLMOutput, RWKVOutput, chunked_causal_lm_loss, token_shift,
 )
 from .configuration_rwkv7 import RWKV7Config
 
@@ -178,7 +178,7 @@ class RWKV7PreTrainedModel(PreTrainedModel):
             nn.init.orthogonal_(module.weight, gain=scale)
 
 
-class RWKV7Model(RWKV7PreTrainedModel):
+class RWKV7Model(RWKVModelMixin, RWKV7PreTrainedModel):
     def __init__(self, config: RWKV7Config):
         super().__init__(config)
         C = config.hidden_size
@@ -188,57 +188,6 @@ class RWKV7Model(RWKV7PreTrainedModel):
         self.ln_out = nn.LayerNorm(C, eps=config.layer_norm_eps)
         self.gradient_checkpointing = False
         self.post_init()
-
-    def get_input_embeddings(self):
-        return self.emb
-
-    def set_input_embeddings(self, value):
-        self.emb = value
-
-    def init_state(self, batch_size: int, device=None) -> List[LayerState]:
-        """The state a sequence starts from: zeros, or the learned initial WKV state where there is one."""
-        cfg, device = self.config, device or self.emb.weight.device
-        C, H, N = cfg.hidden_size, cfg.num_heads, cfg.head_size
-        state = []
-        for block in self.blocks:
-            ts = block.att.time_state
-            wkv = (ts.detach().float().expand(batch_size, H, N, N).clone() if ts is not None
-                   else torch.zeros(batch_size, H, N, N, device=device))
-            state.append((torch.zeros(batch_size, C, device=device), wkv.to(device),
-                          torch.zeros(batch_size, C, device=device)))
-        return state
-
-    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, state=None, use_cache=None,
-                output_hidden_states=None, return_dict=None, **kwargs):
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids and inputs_embeds")
-        use_cache = self.config.use_cache if use_cache is None else use_cache
-        output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        if inputs_embeds is None:
-            inputs_embeds = self.emb(input_ids)
-        if state is not None and len(state) != len(self.blocks):
-            raise ValueError(f"state has {len(state)} layers; the model has {len(self.blocks)}")
-        mask = None
-        if attention_mask is not None and not bool(attention_mask.all()):
-            mask = attention_mask
-
-        x = self.ln0(inputs_embeds)                                                  # [B, T, C]
-        v_first = torch.empty_like(x)
-        all_hidden = (x,) if output_hidden_states else None
-        new_state = []
-        for i, block in enumerate(self.blocks):
-            x, v_first, layer_state = block(x, v_first, state=None if state is None else state[i], mask=mask)
-            new_state.append(layer_state)
-            if output_hidden_states and i < len(self.blocks) - 1:
-                all_hidden += (x,)
-        x = self.ln_out(x)
-        if output_hidden_states:
-            all_hidden += (x,)
-        out_state = new_state if (use_cache or state is not None) else None
-        if not return_dict:
-            return tuple(t for t in (x, out_state, all_hidden) if t is not None)
-        return RWKVOutput(last_hidden_state=x, state=out_state, hidden_states=all_hidden)
 
 
 class RWKV7ForCausalLM(RWKVGenerationMixin, RWKV7PreTrainedModel):
