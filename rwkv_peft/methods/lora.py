@@ -26,17 +26,33 @@ TARGET_PRESETS = {
     "ffn": FFN,
     "all": ATTENTION + FFN + LOW_RANK,
 }
+# RWKV-6 also has a time-mix gate and a channel-mix receptance; its small maps are maa_lora.down and decay_lora
+ATTENTION_V6 = ATTENTION + ["att.gate"]
+FFN_V6 = FFN + ["ffn.receptance"]
+TARGET_PRESETS_V6 = {
+    "default": ATTENTION_V6 + FFN_V6,
+    "attention": ATTENTION_V6,
+    "ffn": FFN_V6,
+    "all": ATTENTION_V6 + FFN_V6 + ["att.maa_lora.down", "att.decay_lora.down", "att.decay_lora.up"],
+}
+
+
+def presets_for(model: Optional[nn.Module]) -> dict:
+    """The target presets of the model's RWKV version (RWKV-7's when unknown)."""
+    config = getattr(model, "config", None)
+    return TARGET_PRESETS_V6 if getattr(config, "model_type", None) == "rwkv6_peft" else TARGET_PRESETS
 VARIANTS = ("lora", "dora", "rslora")
 INITS = (None, "pissa", "olora", "gaussian")
 # inits that move part of the base weight into the adapter: the adapter alone is not a delta on the base
 MUTATING_INITS = ("pissa", "olora")
 
 
-def resolve_targets(targets: Union[str, Sequence[str]]) -> List[str]:
+def resolve_targets(targets: Union[str, Sequence[str]], presets: Optional[dict] = None) -> List[str]:
     """A preset name ("default", "attention", "ffn", "all") or an explicit list of module names/suffixes."""
+    presets = presets or TARGET_PRESETS
     if isinstance(targets, str):
-        if targets in TARGET_PRESETS:
-            return list(TARGET_PRESETS[targets])
+        if targets in presets:
+            return list(presets[targets])
         if "," in targets:
             return [t.strip() for t in targets.split(",") if t.strip()]
         raise ValueError(f"targets {targets!r}: expected a preset ({', '.join(TARGET_PRESETS)}) or a list of "
@@ -56,7 +72,8 @@ def _check_targets_exist(model: nn.Module, targets: Iterable[str]) -> None:
 
 
 def lora_config(r: int = 16, alpha: float = 32, dropout: float = 0.0, targets="default", variant: str = "lora",
-                modules_to_save: Optional[Sequence[str]] = None, init: Optional[str] = None):
+                modules_to_save: Optional[Sequence[str]] = None, init: Optional[str] = None,
+                presets: Optional[dict] = None):
     from peft import LoraConfig
     if variant not in VARIANTS:
         raise ValueError(f"variant {variant!r}: expected one of {VARIANTS}")
@@ -65,7 +82,7 @@ def lora_config(r: int = 16, alpha: float = 32, dropout: float = 0.0, targets="d
     if r < 1:
         raise ValueError(f"r={r}: the LoRA rank must be >= 1")
     return LoraConfig(
-        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=resolve_targets(targets), bias="none",
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=resolve_targets(targets, presets), bias="none",
         use_dora=variant == "dora", use_rslora=variant == "rslora",
         init_lora_weights=True if init is None else init,
         modules_to_save=list(modules_to_save) if modules_to_save else None, task_type="CAUSAL_LM",
@@ -86,7 +103,7 @@ def apply_lora(model: nn.Module, r: int = 16, alpha: float = 32, dropout: float 
     from ..tuners.state_tuning import mark_states_trainable, state_tuning_config
     from .loading import is_quantized
 
-    cfg = lora_config(r, alpha, dropout, targets, variant, modules_to_save, init)
+    cfg = lora_config(r, alpha, dropout, targets, variant, modules_to_save, init, presets_for(model))
     _check_targets_exist(model, cfg.target_modules)
     if init in MUTATING_INITS and is_quantized(model):
         peft_model = _init_on_full_precision(model, cfg)

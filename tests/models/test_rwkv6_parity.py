@@ -269,3 +269,15 @@ def test_v6_quantized_base_keeps_low_rank_maps_in_full_precision(tmp_path):
     peft_model = apply_lora(model, r=4)
     x = torch.randint(0, 97, (1, 12))
     assert torch.isfinite(peft_model(x, labels=x).loss)
+
+
+def test_v6_lora_presets_cover_gate_and_ffn_receptance(tmp_path):
+    from rwkv_peft.methods import apply_lora, load_base_model
+    from tests.factories_v6 import make_blinkdl_v6
+    torch.save(make_blinkdl_v6(97, 128, 1, seed=6), tmp_path / "v6.pth")
+    for preset, must in (("default", {"att.gate", "ffn.receptance", "att.output"}),
+                         ("all", {"att.decay_lora.up", "att.maa_lora.down"})):
+        peft_model = apply_lora(load_base_model(tmp_path / "v6.pth", dtype="float32"), r=4, targets=preset)
+        wrapped = {n.split("blocks.0.")[1].rsplit(".lora_A", 1)[0] for n, _ in peft_model.named_parameters()
+                   if ".lora_A." in n}
+        assert must <= wrapped, (preset, wrapped)
