@@ -189,9 +189,8 @@ def _merge_loras(model, dirs: List[Path], weights: List[float], combine: str, de
 def save_merged(model: nn.Module, out: Union[str, os.PathLike], dtype: Optional[Union[str, torch.dtype]] = None,
                 tokenizer: Optional[bool] = None) -> str:
     """Write a merged model as a BlinkDL ``.pth`` (``out`` ends in .pth) or as our HF folder; atomic."""
-    from .convert import save_hf_folder, save_pth
+    from .convert import save_hf_folder, save_pth, to_blinkdl
     from .methods.loading import is_quantized, torch_dtype
-    from .models.rwkv7.convert_rwkv7 import hf_to_blinkdl
 
     model = unwrap(model)
     if _is_peft(model) or any("lora_" in n for n, _ in model.named_parameters()):
@@ -210,7 +209,7 @@ def save_merged(model: nn.Module, out: Union[str, os.PathLike], dtype: Optional[
             delattr(config, attr)
     out = Path(out)
     if out.suffix == ".pth":
-        save_pth(hf_to_blinkdl(sd, config), out)
+        save_pth(to_blinkdl(sd, config), out)
         return f"{out} (BlinkDL .pth): {config.describe()}" + (" + initial state" if config.use_initial_state else "")
     save_hf_folder(config, sd, out, tokenizer=tokenizer)
     return f"{out} (Hugging Face folder): {config.describe()}" + (" + initial state" if config.use_initial_state else "")

@@ -25,7 +25,8 @@ from torch import nn
 MANIFEST = "rwkv_peft_adapter.json"
 FORMAT_VERSION = 1
 SIZE_KEYS = ("architecture", "vocab_size", "hidden_size", "num_hidden_layers", "num_heads", "head_size",
-             "intermediate_size", "decay_low_rank", "a_low_rank", "v_low_rank", "gate_low_rank")
+             "intermediate_size", "decay_low_rank", "a_low_rank", "v_low_rank", "gate_low_rank", "mix_low_rank")
+ARCHITECTURES = {"rwkv7_peft": "rwkv7", "rwkv6_peft": "rwkv6"}  # config.model_type -> manifest name
 
 
 class AdapterMismatchError(ValueError):
@@ -35,16 +36,17 @@ class AdapterMismatchError(ValueError):
 def base_sizes(model: nn.Module) -> dict:
     from ..tuners.state_tuning import unwrap
     cfg = unwrap(model).config
-    return {"architecture": "rwkv7", "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
-            "num_hidden_layers": cfg.num_hidden_layers, "num_heads": cfg.num_heads, "head_size": cfg.head_size,
-            "intermediate_size": cfg.intermediate_size, "decay_low_rank": cfg.decay_low_rank,
-            "a_low_rank": cfg.a_low_rank, "v_low_rank": cfg.v_low_rank, "gate_low_rank": cfg.gate_low_rank}
+    sizes = {"architecture": ARCHITECTURES.get(cfg.model_type, cfg.model_type)}
+    for k in SIZE_KEYS[1:]:  # the sizes this version has (RWKV-6 has mix/decay low ranks, RWKV-7 four others)
+        if getattr(cfg, k, None) is not None:
+            sizes[k] = getattr(cfg, k)
+    return sizes
 
 
 def check_sizes(adapter_sizes: dict, model: nn.Module, where: str) -> None:
     have = base_sizes(model)
     for k in SIZE_KEYS:
-        if k in adapter_sizes and adapter_sizes[k] != have[k]:
+        if k in adapter_sizes and adapter_sizes[k] != have.get(k):
             raise AdapterMismatchError(f"{where}: {k} differs: the adapter was trained on {adapter_sizes[k]}, "
                                        f"the base has {have[k]}")
 

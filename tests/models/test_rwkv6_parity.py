@@ -281,3 +281,42 @@ def test_v6_lora_presets_cover_gate_and_ffn_receptance(tmp_path):
         wrapped = {n.split("blocks.0.")[1].rsplit(".lora_A", 1)[0] for n, _ in peft_model.named_parameters()
                    if ".lora_A." in n}
         assert must <= wrapped, (preset, wrapped)
+
+
+def test_v6_lora_adapter_saves_loads_merges_and_exports(tmp_path):
+    from rwkv_peft.merge import merge_model, save_merged
+    from rwkv_peft.methods import apply_lora, load_adapter, load_base_model, read_manifest, save_adapter
+    from tests.factories import rel_err
+    from tests.factories_v6 import make_blinkdl_v6
+    torch.save(make_blinkdl_v6(97, 128, 2, seed=8), tmp_path / "v6.pth")
+    model = apply_lora(load_base_model(tmp_path / "v6.pth", dtype="float32"), r=4)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    save_adapter(model, tmp_path / "adapter")
+    assert read_manifest(tmp_path / "adapter")["base"]["architecture"] == "rwkv6"
+    x = torch.randint(0, 97, (1, 15))
+    loaded = load_adapter(load_base_model(tmp_path / "v6.pth", dtype="float32"), tmp_path / "adapter").eval()
+    with torch.no_grad():
+        want = model.eval()(x).logits
+        assert torch.equal(loaded(x).logits, want)
+        merged = merge_model(loaded)
+        assert rel_err(merged(x).logits, want) <= 1e-5
+    save_merged(merged, tmp_path / "merged.pth")
+    again = load_base_model(tmp_path / "merged.pth", dtype="float32").eval()
+    with torch.no_grad():
+        assert rel_err(again(x).logits, want) <= 1e-5
+
+
+def test_v6_adapter_refuses_a_v7_base(tmp_path):
+    import pytest
+
+    from rwkv_peft.methods import AdapterMismatchError, apply_lora, load_adapter, load_base_model, save_adapter
+    from tests.factories import make_blinkdl_v7
+    from tests.factories_v6 import make_blinkdl_v6
+    torch.save(make_blinkdl_v6(97, 128, 2, seed=8), tmp_path / "v6.pth")
+    torch.save(make_blinkdl_v7(97, 128, 2, seed=8), tmp_path / "v7.pth")
+    save_adapter(apply_lora(load_base_model(tmp_path / "v6.pth", dtype="float32"), r=4), tmp_path / "adapter")
+    with pytest.raises(AdapterMismatchError, match="architecture differs: the adapter was trained on rwkv6"):
+        load_adapter(load_base_model(tmp_path / "v7.pth", dtype="float32"), tmp_path / "adapter")
