@@ -6,6 +6,7 @@ combines ``RWKVGenerationMixin`` (forward with labels, chunked loss, generation 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
@@ -88,6 +89,19 @@ def chunked_causal_lm_loss(hidden, head: nn.Module, labels, chunk_size: int = 10
     if isinstance(count, torch.Tensor):
         count = count.to(total.device)
     return total / (count.clamp_min(1) if isinstance(count, torch.Tensor) else max(int(count), 1))
+
+
+@torch.no_grad()
+def init_shared_weights(module: nn.Module, cfg) -> None:
+    """Random init of the parts every version shares: embeddings, layer norms, the head."""
+    if isinstance(module, nn.Embedding):
+        nn.init.uniform_(module.weight, -1e-4, 1e-4)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Linear) and module.weight.shape[0] == cfg.vocab_size:
+        scale = 0.5 * math.sqrt(cfg.vocab_size / cfg.hidden_size) if cfg.vocab_size > cfg.hidden_size else 0.5
+        nn.init.orthogonal_(module.weight, gain=scale)
 
 
 class RWKVModelMixin:

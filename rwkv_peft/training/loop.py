@@ -147,8 +147,9 @@ def build_model(recipe: Recipe, log=print):
         # layer 0 takes v from itself: its v0 / v_lora never get a gradient (and would stall DDP)
         base = base_model(model)
         att0 = base.model.blocks[0].att
-        for p in [att0.v0, *att0.v_lora.parameters()]:
-            p.requires_grad_(False)
+        if hasattr(att0, "v_lora"):  # RWKV-7 only
+            for p in [att0.v0, *att0.v_lora.parameters()]:
+                p.requires_grad_(False)
         if mcfg.dtype != "float32":
             log(f"note: a full fine-tune keeps its weights in {mcfg.dtype}; float32 weights with "
                 f"train.mixed_precision: bf16 train more reliably")

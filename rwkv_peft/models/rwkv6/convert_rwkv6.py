@@ -28,7 +28,7 @@ from typing import Dict, Tuple
 
 import torch
 
-from ..rwkv7.convert_rwkv7 import CheckpointError, detect_version
+from ..rwkv7.convert_rwkv7 import CheckpointError, check_complete, detect_version
 from .configuration_rwkv6 import RWKV6Config
 
 StateDict = Dict[str, torch.Tensor]
@@ -126,30 +126,9 @@ def blinkdl_to_hf(sd: StateDict, where: str = "checkpoint") -> Tuple[RWKV6Config
         if how == "transpose" and t.dim() != 2:
             raise CheckpointError(f"{where}: '{key}' has shape {list(t.shape)}; expected a matrix")
         out[new] = t.reshape(-1) if how == "flatten" else t.t() if how == "transpose" else t
-    _check_complete(out, config, where)
-    return config, {k: v.contiguous() for k, v in out.items()}
-
-
-def expected_hf_keys(config: RWKV6Config) -> Dict[str, Tuple[int, ...]]:
-    """Every key of our state dict and its shape, for checks (built from the model itself on 'meta')."""
     from .modeling_rwkv6 import RWKV6ForCausalLM
-    with torch.device("meta"):
-        model = RWKV6ForCausalLM(config)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
-
-
-def _check_complete(sd: StateDict, config: RWKV6Config, where: str):
-    expected = expected_hf_keys(config)
-    for k, shape in expected.items():
-        if k not in sd:
-            raise CheckpointError(f"{where}: missing tensor for '{k}' (expected shape {list(shape)})")
-        if tuple(sd[k].shape) != shape:
-            raise CheckpointError(f"{where}: '{k}' has shape {list(sd[k].shape)}; the sizes read from the "
-                                  f"checkpoint give {list(shape)}")
-    extra = sorted(set(sd) - set(expected))
-    if extra:
-        more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
-        raise CheckpointError(f"{where}: unexpected key '{extra[0]}'{more}")
+    check_complete(out, config, where, RWKV6ForCausalLM)
+    return config, {k: v.contiguous() for k, v in out.items()}
 
 
 _INV_TRANSPOSED = {v: k for k, v in _TRANSPOSED.items()}

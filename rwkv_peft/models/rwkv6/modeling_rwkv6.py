@@ -17,7 +17,6 @@ as each prompt alone.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -28,7 +27,8 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from ...ops.wkv6 import wkv6
 from ..common import (
-    LayerState, LowRank, RWKVCausalLMOutput, RWKVGenerationMixin, RWKVModelMixin, RWKVOutput, token_shift,
+    LayerState, LowRank, RWKVCausalLMOutput, RWKVGenerationMixin, RWKVModelMixin, RWKVOutput, init_shared_weights,
+    token_shift,
 )
 from .configuration_rwkv6 import RWKV6Config
 
@@ -188,14 +188,8 @@ class RWKV6PreTrainedModel(PreTrainedModel):
             nn.init.uniform_(module.key.weight, -0.5 / C ** 0.5, 0.5 / C ** 0.5)
             nn.init.zeros_(module.receptance.weight)
             nn.init.zeros_(module.value.weight)
-        elif isinstance(module, nn.Embedding):
-            nn.init.uniform_(module.weight, -1e-4, 1e-4)
-        elif isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Linear) and module.weight.shape[0] == cfg.vocab_size:
-            scale = 0.5 * math.sqrt(cfg.vocab_size / cfg.hidden_size) if cfg.vocab_size > cfg.hidden_size else 0.5
-            nn.init.orthogonal_(module.weight, gain=scale)
+        else:
+            init_shared_weights(module, cfg)
 
 
 class RWKV6Model(RWKVModelMixin, RWKV6PreTrainedModel):

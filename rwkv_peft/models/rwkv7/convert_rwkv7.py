@@ -128,20 +128,22 @@ def blinkdl_to_hf(sd: StateDict, where: str = "checkpoint") -> Tuple[RWKV7Config
         if not isinstance(t, torch.Tensor):
             raise CheckpointError(f"{where}: key '{key}' holds a {type(t).__name__}, not a tensor")
         out[new] = t.reshape(-1) if how == "flatten" else t.t() if how == "transpose" else t
-    _check_complete(out, config, where)
+    check_complete(out, config, where)
     return config, {k: v.contiguous() for k, v in out.items()}
 
 
-def expected_hf_keys(config: RWKV7Config) -> Dict[str, Tuple[int, ...]]:
+def expected_hf_keys(config, model_class=None) -> Dict[str, Tuple[int, ...]]:
     """Every key of our state dict and its shape, for checks (built from the model itself on 'meta')."""
-    from .modeling_rwkv7 import RWKV7ForCausalLM
+    if model_class is None:
+        from .modeling_rwkv7 import RWKV7ForCausalLM as model_class
     with torch.device("meta"):
-        model = RWKV7ForCausalLM(config)
+        model = model_class(config)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def _check_complete(sd: StateDict, config: RWKV7Config, where: str):
-    expected = expected_hf_keys(config)
+def check_complete(sd: StateDict, config, where: str, model_class=None) -> None:
+    """Every tensor the model (RWKV-7 unless ``model_class`` says otherwise) needs, in its shape, and no other."""
+    expected = expected_hf_keys(config, model_class)
     for k, shape in expected.items():
         if k not in sd:
             raise CheckpointError(f"{where}: missing tensor for '{k}' (expected shape {list(shape)})")
@@ -150,7 +152,8 @@ def _check_complete(sd: StateDict, config: RWKV7Config, where: str):
                                   f"checkpoint give {list(shape)}")
     extra = sorted(set(sd) - set(expected))
     if extra:
-        raise CheckpointError(f"{where}: unexpected key '{extra[0]}'" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+        more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+        raise CheckpointError(f"{where}: unexpected key '{extra[0]}'{more}")
 
 
 def hf_to_blinkdl(sd: StateDict, config: RWKV7Config) -> StateDict:
@@ -241,7 +244,7 @@ def fla_to_hf(sd: StateDict, fla_config: dict, where: str = "checkpoint") -> Tup
     for part, shape in (("down", (config.v_low_rank, C)), ("up", (C, config.v_low_rank))):
         out.setdefault(f"model.blocks.0.att.v_lora.{part}.weight", torch.zeros(shape, dtype=dtype))
     out.setdefault("model.blocks.0.att.v0", torch.zeros(C, dtype=dtype))
-    _check_complete(out, config, where)
+    check_complete(out, config, where)
     return config, {k: v.contiguous() for k, v in out.items()}
 
 

@@ -22,8 +22,9 @@ from transformers import PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from ...ops.wkv7 import wkv7
-from ..common import (  # noqa: F401  (re-exported: older imports use this module)
-    LayerState, LowRank, RWKVGenerationMixin, RWKVModelMixin, RWKVCausalLMOutput, RWKVOutput, chunked_causal_lm_loss, token_shift,
+from ..common import (
+    LayerState, LowRank, RWKVCausalLMOutput, RWKVGenerationMixin, RWKVModelMixin, RWKVOutput, init_shared_weights,
+    token_shift,
 )
 from .configuration_rwkv7 import RWKV7Config
 
@@ -168,14 +169,8 @@ class RWKV7PreTrainedModel(PreTrainedModel):
             module.x_k.copy_(1.0 - ddd ** (r1a0 ** 4))
             nn.init.uniform_(module.key.weight, -0.5 / C ** 0.5, 0.5 / C ** 0.5)
             nn.init.zeros_(module.value.weight)
-        elif isinstance(module, nn.Embedding):
-            nn.init.uniform_(module.weight, -1e-4, 1e-4)
-        elif isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Linear) and module.weight.shape[0] == cfg.vocab_size:
-            scale = 0.5 * math.sqrt(cfg.vocab_size / cfg.hidden_size) if cfg.vocab_size > cfg.hidden_size else 0.5
-            nn.init.orthogonal_(module.weight, gain=scale)
+        else:
+            init_shared_weights(module, cfg)
 
 
 class RWKV7Model(RWKVModelMixin, RWKV7PreTrainedModel):
