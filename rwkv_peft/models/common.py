@@ -13,8 +13,10 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationMixin
+from transformers import initialization as init
 from transformers.utils import ModelOutput
+
+from .generation import StateGenerationMixin
 
 LayerState = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -95,13 +97,13 @@ def chunked_causal_lm_loss(hidden, head: nn.Module, labels, chunk_size: int = 10
 def init_shared_weights(module: nn.Module, cfg) -> None:
     """Random init of the parts every version shares: embeddings, layer norms, the head."""
     if isinstance(module, nn.Embedding):
-        nn.init.uniform_(module.weight, -1e-4, 1e-4)
+        init.uniform_(module.weight, -1e-4, 1e-4)
     elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
+        init.ones_(module.weight)
+        init.zeros_(module.bias)
     elif isinstance(module, nn.Linear) and module.weight.shape[0] == cfg.vocab_size:
         scale = 0.5 * math.sqrt(cfg.vocab_size / cfg.hidden_size) if cfg.vocab_size > cfg.hidden_size else 0.5
-        nn.init.orthogonal_(module.weight, gain=scale)
+        init.orthogonal_(module.weight, gain=scale)
 
 
 class RWKVModelMixin:
@@ -167,8 +169,9 @@ class RWKVModelMixin:
         return RWKVOutput(last_hidden_state=x, state=out_state, hidden_states=all_hidden)
 
 
-class RWKVGenerationMixin(GenerationMixin):
-    """The language-model head of every RWKV version: ``self.model`` (returns ``RWKVOutput``) + ``self.head``.
+class RWKVGenerationMixin(StateGenerationMixin):
+    """The language-model head of every RWKV version: ``self.model`` (returns ``RWKVOutput``) + ``self.head``;
+    generation with the state as the cache comes from ``StateGenerationMixin`` (models/generation.py).
 
     List it *first* in a model's bases (``class X(RWKVGenerationMixin, XPreTrainedModel)``) so its ``forward``
     comes before ``nn.Module``'s; transformers' ``can_generate`` looks for "GenerationMixin" in the bases' names.
@@ -182,15 +185,6 @@ class RWKVGenerationMixin(GenerationMixin):
 
     def init_state(self, batch_size: int, device=None) -> List[LayerState]:
         return self.model.init_state(batch_size, device)
-
-    def prepare_inputs_for_generation(self, input_ids, state=None, inputs_embeds=None, attention_mask=None,
-                                      use_cache=None, **kwargs):
-        # The state holds the whole prefix: after the prefill only the newest token is fed.
-        if state is not None:
-            return {"input_ids": input_ids[:, -1:], "state": state, "use_cache": True}
-        if inputs_embeds is not None:
-            return {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask, "use_cache": True}
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": True}
 
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, state=None, labels=None,
                 use_cache=None, output_hidden_states=None, return_dict=None, logits_to_keep=0,

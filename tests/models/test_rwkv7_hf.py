@@ -1,4 +1,5 @@
-"""RWKV-7 behaves like any transformers causal LM: save/load, dtypes, device_map, checkpointing, generate."""
+"""RWKV-7 behaves like any transformers causal LM: save/load, dtypes, device_map, checkpointing
+(generation: tests/models/test_generation.py)."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -126,36 +127,6 @@ def test_padding_leaves_the_state_untouched():
     for s_ref, s_l, s_r in zip(ref.state, left.state, right.state):
         for a, b, c in zip(s_ref, s_l, s_r):
             assert rel_err(b, a) < 1e-5 and rel_err(c, a) < 1e-5
-
-
-def test_generate_batched_prompts_of_different_lengths_left_padded():
-    model = tiny()
-    p1, p2 = ids(B=1, T=9, seed=3), ids(B=1, T=5, seed=4)
-    singles = [model.generate(p, attention_mask=torch.ones_like(p), max_new_tokens=6, do_sample=False)[0, p.shape[1]:]
-               for p in (p1, p2)]
-    batch = torch.zeros(2, 9, dtype=torch.long)
-    mask = torch.zeros(2, 9, dtype=torch.long)
-    batch[0], mask[0] = p1[0], 1
-    batch[1, 4:], mask[1, 4:] = p2[0], 1
-    out = model.generate(batch, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
-    assert out[0, 9:].tolist() == singles[0].tolist()
-    assert out[1, 9:].tolist() == singles[1].tolist()
-
-
-def test_generate_feeds_every_token_once_and_samples_reproducibly():
-    model, prompt = tiny(), ids(B=1, T=8)
-    seen = []
-    hook = model.model.register_forward_pre_hook(lambda m, args, kw: seen.append(kw["input_ids"].shape[1]),
-                                                 with_kwargs=True)
-    model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=5, do_sample=False)
-    hook.remove()
-    assert seen == [8, 1, 1, 1, 1]  # the prompt once, then one new token per step
-    runs = []
-    for _ in range(2):
-        torch.manual_seed(123)
-        runs.append(model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=10,
-                                   do_sample=True, top_k=20, temperature=1.5))
-    assert torch.equal(runs[0], runs[1]) and runs[0].shape == (1, 18)
 
 
 def test_learned_initial_state_starts_every_sequence():

@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import initialization as init
 from transformers import PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
 
@@ -158,36 +159,36 @@ class RWKV6PreTrainedModel(PreTrainedModel):
             r01 = i / max(L - 1, 1)                     # 0 at the first layer, 1 at the last
             r1a0 = 1.0 - i / L                          # 1 at the first layer, towards 0 at the last
             ddd = torch.arange(C, dtype=torch.float32) / C
-            module.time_maa_x.copy_(1.0 - ddd ** r1a0)
-            module.time_maa_w.copy_(1.0 - ddd ** r1a0)
-            module.time_maa_k.copy_(1.0 - ddd ** r1a0)
-            module.time_maa_v.copy_(1.0 - (ddd ** r1a0 + 0.3 * r01))
-            module.time_maa_r.copy_(1.0 - ddd ** (0.5 * r1a0))
-            module.time_maa_g.copy_(1.0 - ddd ** (0.5 * r1a0))
-            nn.init.zeros_(module.maa_lora.down.weight)
-            nn.init.uniform_(module.maa_lora.up, -0.01, 0.01)
+            init.copy_(module.time_maa_x, 1.0 - ddd ** r1a0)
+            init.copy_(module.time_maa_w, 1.0 - ddd ** r1a0)
+            init.copy_(module.time_maa_k, 1.0 - ddd ** r1a0)
+            init.copy_(module.time_maa_v, 1.0 - (ddd ** r1a0 + 0.3 * r01))
+            init.copy_(module.time_maa_r, 1.0 - ddd ** (0.5 * r1a0))
+            init.copy_(module.time_maa_g, 1.0 - ddd ** (0.5 * r1a0))
+            init.zeros_(module.maa_lora.down.weight)
+            init.uniform_(module.maa_lora.up, -0.01, 0.01)
             n = torch.arange(C, dtype=torch.float32)
-            module.time_decay.copy_(-6 + 5 * (n / (C - 1)) ** (0.7 + 1.3 * r01))
-            nn.init.zeros_(module.decay_lora.down.weight)
-            nn.init.uniform_(module.decay_lora.up.weight, -0.01, 0.01)
+            init.copy_(module.time_decay, -6 + 5 * (n / (C - 1)) ** (0.7 + 1.3 * r01))
+            init.zeros_(module.decay_lora.down.weight)
+            init.uniform_(module.decay_lora.up.weight, -0.01, 0.01)
             bonus = r01 * (1 - n / (C - 1)) + ((n + 1) % 3 - 1) * 0.1
-            module.time_faaaa.copy_(bonus.view_as(module.time_faaaa))
+            init.copy_(module.time_faaaa, bonus.view_as(module.time_faaaa))
             for lin in (module.receptance, module.key, module.value, module.gate):
-                nn.init.uniform_(lin.weight, -0.5 / C ** 0.5, 0.5 / C ** 0.5)
-            nn.init.zeros_(module.output.weight)
-            module.ln_x.weight.fill_(((1 + i) / L) ** 0.7)
-            module.ln_x.bias.zero_()
+                init.uniform_(lin.weight, -0.5 / C ** 0.5, 0.5 / C ** 0.5)
+            init.zeros_(module.output.weight)
+            init.constant_(module.ln_x.weight, ((1 + i) / L) ** 0.7)
+            init.zeros_(module.ln_x.bias)
             if module.time_state is not None:
-                module.time_state.zero_()
+                init.zeros_(module.time_state)
         elif isinstance(module, RWKV6ChannelMix):
             C = cfg.hidden_size
             r1a0 = 1.0 - module.layer_idx / cfg.num_hidden_layers
             ddd = torch.arange(C, dtype=torch.float32) / C
-            module.time_maa_k.copy_(1.0 - ddd ** r1a0)
-            module.time_maa_r.copy_(1.0 - ddd ** r1a0)
-            nn.init.uniform_(module.key.weight, -0.5 / C ** 0.5, 0.5 / C ** 0.5)
-            nn.init.zeros_(module.receptance.weight)
-            nn.init.zeros_(module.value.weight)
+            init.copy_(module.time_maa_k, 1.0 - ddd ** r1a0)
+            init.copy_(module.time_maa_r, 1.0 - ddd ** r1a0)
+            init.uniform_(module.key.weight, -0.5 / C ** 0.5, 0.5 / C ** 0.5)
+            init.zeros_(module.receptance.weight)
+            init.zeros_(module.value.weight)
         else:
             init_shared_weights(module, cfg)
 

@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import initialization as init
 from transformers import PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
 
@@ -139,36 +140,36 @@ class RWKV7PreTrainedModel(PreTrainedModel):
             r01 = i / max(L - 1, 1)
             r1a0 = 1.0 - i / L
             ddd = torch.arange(C, dtype=torch.float32) / C
-            module.x_r.copy_(1.0 - ddd ** (0.2 * r1a0))
-            module.x_w.copy_(1.0 - ddd ** (0.9 * r1a0))
-            module.x_k.copy_(1.0 - ddd ** (0.7 * r1a0))
-            module.x_v.copy_(1.0 - ddd ** (0.7 * r1a0))
-            module.x_a.copy_(1.0 - ddd ** (0.9 * r1a0))
-            module.x_g.copy_(1.0 - ddd ** (0.2 * r1a0))
+            init.copy_(module.x_r, 1.0 - ddd ** (0.2 * r1a0))
+            init.copy_(module.x_w, 1.0 - ddd ** (0.9 * r1a0))
+            init.copy_(module.x_k, 1.0 - ddd ** (0.7 * r1a0))
+            init.copy_(module.x_v, 1.0 - ddd ** (0.7 * r1a0))
+            init.copy_(module.x_a, 1.0 - ddd ** (0.9 * r1a0))
+            init.copy_(module.x_g, 1.0 - ddd ** (0.2 * r1a0))
             n = torch.arange(C, dtype=torch.float32)
-            module.w0.copy_(-6 + 5 * (n / (C - 1)) ** (1 + r01 ** 0.3) + 0.5)
-            module.a0.fill_(0.0)
-            module.v0.fill_(1.0)
-            module.k_k.fill_(0.85)
-            module.k_a.fill_(1.0)
-            module.r_k.fill_(-0.04)
+            init.copy_(module.w0, -6 + 5 * (n / (C - 1)) ** (1 + r01 ** 0.3) + 0.5)
+            init.constant_(module.a0, 0.0)
+            init.constant_(module.v0, 1.0)
+            init.constant_(module.k_k, 0.85)
+            init.constant_(module.k_a, 1.0)
+            init.constant_(module.r_k, -0.04)
             for lora in (module.w_lora, module.a_lora, module.v_lora, module.g_lora):
-                nn.init.zeros_(lora.down.weight)
-                nn.init.orthogonal_(lora.up.weight, gain=0.1)
+                init.zeros_(lora.down.weight)
+                init.orthogonal_(lora.up.weight, gain=0.1)
             for lin in (module.receptance, module.key, module.value):
-                nn.init.uniform_(lin.weight, -0.5 / C ** 0.5, 0.5 / C ** 0.5)
-            nn.init.zeros_(module.output.weight)
-            module.ln_x.weight.fill_(((1 + i) / L) ** 0.7)
-            module.ln_x.bias.zero_()
+                init.uniform_(lin.weight, -0.5 / C ** 0.5, 0.5 / C ** 0.5)
+            init.zeros_(module.output.weight)
+            init.constant_(module.ln_x.weight, ((1 + i) / L) ** 0.7)
+            init.zeros_(module.ln_x.bias)
             if module.time_state is not None:
-                module.time_state.zero_()
+                init.zeros_(module.time_state)
         elif isinstance(module, RWKV7ChannelMix):
             C = cfg.hidden_size
             r1a0 = 1.0 - module.layer_idx / cfg.num_hidden_layers
             ddd = torch.arange(C, dtype=torch.float32) / C
-            module.x_k.copy_(1.0 - ddd ** (r1a0 ** 4))
-            nn.init.uniform_(module.key.weight, -0.5 / C ** 0.5, 0.5 / C ** 0.5)
-            nn.init.zeros_(module.value.weight)
+            init.copy_(module.x_k, 1.0 - ddd ** (r1a0 ** 4))
+            init.uniform_(module.key.weight, -0.5 / C ** 0.5, 0.5 / C ** 0.5)
+            init.zeros_(module.value.weight)
         else:
             init_shared_weights(module, cfg)
 
