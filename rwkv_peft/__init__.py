@@ -1,8 +1,13 @@
 """rwkv-peft: fine-tuning for RWKV language models (LoRA, state tuning, quantized bases, recipes).
 
-Importing the package registers the RWKV-7 classes with transformers' Auto classes.
+Importing the package registers the RWKV-7 classes with transformers' Auto classes and silences the few
+third-party notices listed in ``rwkv_peft.quiet`` (each one message, none a user can act on).
 """
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+from . import quiet
+
+quiet.install()  # before anything imports peft (which imports bitsandbytes)
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from .models.rwkv6 import RWKV6Config, RWKV6ForCausalLM, RWKV6Model
 from .models.rwkv7 import RWKV7Config, RWKV7ForCausalLM, RWKV7Model

@@ -4,7 +4,9 @@ Each command module defines ``HELP`` (one line), ``add_arguments(parser)`` and `
 imported only when their command runs, so ``rwkv-peft --help`` stays fast.
 
 Exit codes: 0 success, 1 the work failed (e.g. training diverged), 2 bad input (usage, recipe, checkpoint,
-dataset), 130 interrupted.
+dataset, an output path the command cannot write), 130 interrupted. Helpers the commands share (model
+arguments, output checks, streaming decode) are in ``rwkv_peft/commands/_common.py``; a command raises its
+``UsageError`` for a bad argument and ``main`` prints it (exit code 2).
 """
 from __future__ import annotations
 
@@ -57,8 +59,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return EXIT_BAD_INPUT
+    from .commands._common import UsageError
     try:
         return int(args._run(args) or 0)
+    except UsageError as e:  # a bad argument: the message names it, the value and what is expected
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -33,7 +33,8 @@ def export_state(src: Union[str, os.PathLike], out: Union[str, os.PathLike]) -> 
         export_state_pth(states, out)
         return f"{src} -> {out} (runtime state .pth: blocks.N.att.time_state, {desc})"
     if out.suffix == ".safetensors":
-        extra = {"source": str(src)}
+        from .paths import portable_path
+        extra = {"source": portable_path(src)}  # no local folder layout in a file that may be published
         save_state_file(states, out, extra=extra)
         read_state_file(out)  # self-check of the metadata we just wrote
         return f"{src} -> {out} (state adapter safetensors, {desc})"

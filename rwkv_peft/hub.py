@@ -28,6 +28,14 @@ def describe_folder(folder: Path) -> dict:
                             f"(config.json)")
 
 
+def _looks_like_hub_id(spec) -> bool:
+    """``org/name`` that is not a local path spec (``assets:...``, ``~/...``, ``models/x.pth``, an existing path)."""
+    import re
+    if not spec or not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", str(spec)):
+        return False
+    return Path(str(spec)).suffix not in (".pth", ".safetensors", ".bin", ".pt") and not Path(str(spec)).exists()
+
+
 def _recipe_text(folder: Path) -> Optional[str]:
     for candidate in (folder / "recipe.yaml", folder.parent / "recipe.yaml"):
         if candidate.is_file():
@@ -45,8 +53,7 @@ def build_model_card(folder: Path, repo_id: str, base_model: Optional[str] = Non
         methods = [name for name, on in (("LoRA", contains.get("lora")), ("state tuning", contains.get("state"))) if on]
         tags += ["lora"] * bool(contains.get("lora")) + ["state-tuning"] * bool(contains.get("state"))
         base = m.get("base", {})
-        base_model = base_model or (base.get("path") if base.get("path") and "/" in str(base.get("path")) and
-                                    not Path(str(base.get("path"))).exists() else None)
+        base_model = base_model or (base.get("path") if _looks_like_hub_id(base.get("path")) else None)
         sizes = ", ".join(f"{k} {base[k]}" for k in ("num_hidden_layers", "hidden_size", "num_heads", "head_size",
                                                       "vocab_size") if k in base)
         what = f"An rwkv-peft adapter ({' + '.join(methods) or 'empty'}) for an RWKV-7 base model ({sizes})."

@@ -115,11 +115,15 @@ def merge_adapters(base: Union[str, os.PathLike, nn.Module, None], adapters: Seq
         if not a.exists():
             raise FileNotFoundError(f"{a}: no such adapter folder or state file")
     weights = _parse_weights(weights, len(adapters))
-    if base is None:
-        manifest = read_manifest(adapters[0]) if adapters[0].is_dir() else None
-        base = (manifest or {}).get("base", {}).get("path")
-        if not base:
-            raise MergeError(f"{adapters[0]}: no base given and the adapter does not record one; pass --base")
+    if base is None:  # the base the first adapter records (resolved as rwkv_peft.paths.adapter_base says)
+        from .paths import BaseNotFoundError, adapter_base
+        try:
+            base = adapter_base(adapters[0])[1]
+        except BaseNotFoundError as e:
+            raise MergeError(f"{e}; pass the base (--base)") from None
+    elif isinstance(base, (str, os.PathLike)):  # a path spec: assets:..., ~/...
+        from .paths import resolve_path
+        base = resolve_path(os.fspath(base))
     if isinstance(base, nn.Module):
         model = base
         if is_quantized(model):
@@ -156,11 +160,15 @@ def merge_adapters(base: Union[str, os.PathLike, nn.Module, None], adapters: Seq
 def _merge_loras(model, dirs: List[Path], weights: List[float], combine: str, density, seed: int):
     from peft import PeftModel
 
+    from .quiet import peft_wrapping
+
     if len(dirs) == 1 and weights[0] == 1.0:
-        peft_model = PeftModel.from_pretrained(model, str(dirs[0]))
+        with peft_wrapping():
+            peft_model = PeftModel.from_pretrained(model, str(dirs[0]))
         return peft_model.merge_and_unload()
     names = [f"adapter{i}" for i in range(len(dirs))]
-    peft_model = PeftModel.from_pretrained(model, str(dirs[0]), adapter_name=names[0])
+    with peft_wrapping():
+        peft_model = PeftModel.from_pretrained(model, str(dirs[0]), adapter_name=names[0])
     for name, d in zip(names[1:], dirs[1:]):
         peft_model.load_adapter(str(d), adapter_name=name)
     if combine in NEEDS_DENSITY and density is None:

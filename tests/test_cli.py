@@ -39,6 +39,15 @@ def test_generate_from_pth_is_deterministic_greedy(tmp_path, capsys):
     assert "missing.pth" in capsys.readouterr().err
 
 
+def test_generate_samples_reproducibly_with_a_seed(capsys):
+    args = ["assets:quickstart/model", "--prompt", "User: Hi\n\nAssistant:", "--max-new-tokens", "8",
+            "--temperature", "1.0", "--top-p", "0.9", "--seed", "3"]
+    assert main(["generate", *args]) == 0
+    first = capsys.readouterr().out
+    assert main(["generate", *args]) == 0
+    assert capsys.readouterr().out == first and first.strip()
+
+
 def test_chat_reads_turns_from_stdin_and_carries_the_state(tmp_path, capsys, monkeypatch):
     import io
 

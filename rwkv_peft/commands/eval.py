@@ -10,8 +10,10 @@ def add_arguments(p):
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe value (repeatable)")
     which = p.add_mutually_exclusive_group()
-    which.add_argument("--adapter", help="an adapter folder to put on the recipe's base model")
-    which.add_argument("--model", help="a full model (.pth or HF folder) instead of the recipe's base")
+    which.add_argument("--adapter", help="an adapter folder to put on the recipe's base model (default: the run's "
+                                         "adapter/ or model/ folder)")
+    which.add_argument("--model", help="a full model instead of the recipe's base: a .pth, a model folder or "
+                                       "assets:NAME")
     which.add_argument("--base", action="store_true", help="the recipe's base model as it is")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
@@ -20,9 +22,11 @@ def run(args) -> int:
     import math
 
     from ..data import DataError, build_datasets
+    from ..methods.adapter_io import AdapterMismatchError
     from ..models.rwkv7.convert_rwkv7 import CheckpointError
     from ..recipe import RecipeError, load_recipe, resolve_path
     from ..training.loop import TrainingSetupError, _plain_load, evaluate_rows, load_tokenizer
+    from ._common import is_adapter_dir, resolve_adapter, resolve_input, shown
 
     def fail(msg):
         print(f"error: {msg}", file=sys.stderr)
@@ -35,32 +39,36 @@ def run(args) -> int:
         _, rows = build_datasets(recipe.data, tokenizer, seed=recipe.train.seed, log=quiet)
         if rows is None:
             return fail(f"{args.recipe}: no held-out data: set data.eval or data.eval_split")
-        out = recipe.output_dir
-        target = args.adapter or args.model
-        if not (target or args.base):
-            for cand in (out / "adapter", out / "model"):
-                if cand.is_dir():
-                    target = str(cand)
-                    break
-            else:
-                return fail(f"{out}: no trained adapter/ or model/ here yet; pass --adapter, --model or --base")
-        mcfg = recipe.model
-        if target and (resolve_path(target) / "adapter_config.json").is_file() or args.adapter:
+        out, mcfg = recipe.output_dir, recipe.model
+        target = as_adapter = None
+        if args.adapter:
+            target, as_adapter = resolve_adapter(args.adapter), True
+        elif args.model:
+            target = resolve_input(args.model, "--model")
+            as_adapter = is_adapter_dir(target)
+        elif not args.base:  # the run's own result
+            target = next((c for c in (out / "adapter", out / "model") if c.is_dir()), None)
+            if target is None:
+                return fail(f"{shown(out)}: no trained adapter/ or model/ here yet; pass --adapter, --model or "
+                            f"--base")
+            as_adapter = is_adapter_dir(target)
+        if target is None:
+            model, what = _plain_load(mcfg), f"{mcfg.path} (base)"
+        elif as_adapter:  # on the recipe's base: the base the run trained on
             from .. import methods
             base = methods.load_base_model(str(resolve_path(mcfg.path)), dtype=mcfg.dtype,
                                            quantization=mcfg.quantization, double_quant=mcfg.double_quant)
-            model = methods.load_adapter(base, str(resolve_path(target)))
-            what = f"{target} on {mcfg.path}"
-        elif target:
-            model = _plain_load(mcfg.model_copy(update={"path": str(target), "quantization": None}))
-            what = str(target)
+            model = methods.load_adapter(base, str(target))
+            what = f"{shown(args.adapter or args.model or target)} on {mcfg.path}"
         else:
-            model = _plain_load(mcfg)
-            what = f"{mcfg.path} (base)"
+            model = _plain_load(mcfg.model_copy(update={"path": str(target), "quantization": None}))
+            what = shown(args.model or target)
         chunk = recipe.data.long_context.chunk_len if recipe.data.long_context.mode == "chunk" else None
         loss_sum, tokens = evaluate_rows(model, rows, recipe.eval.batch_size or recipe.train.batch_size, chunk,
                                          max_batches=recipe.eval.max_batches)
-    except (RecipeError, DataError, CheckpointError, TrainingSetupError) as e:
+    except RecipeError as e:
+        return fail(f"{args.recipe} is not a valid recipe:\n  " + "\n  ".join(e.problems))
+    except (DataError, CheckpointError, TrainingSetupError, AdapterMismatchError) as e:
         return fail(str(e))
     loss = float(loss_sum / tokens.clamp_min(1))
     result = {"model": what, "loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": int(tokens),

@@ -1,25 +1,33 @@
 """rwkv-peft export SRC OUT"""
 import sys
 
+from ._common import UsageError
+
 HELP = "export a state adapter to a runtime state .pth, or an adapter (merged) / checkpoint to .pth or HF"
 
 EPILOG = """\
 examples:
   rwkv-peft export outputs/run1/adapter persona_state.pth      state adapter -> runtime state file
   rwkv-peft export persona_state.pth persona.safetensors      runtime state -> self-describing state adapter
-  rwkv-peft export outputs/run1/adapter merged.pth --base base.pth --what model   merged model
+  rwkv-peft export outputs/run1/adapter merged/ --what model  merged model (base: recorded in the adapter)
+  rwkv-peft export outputs/run1/adapter merged.pth --base base.pth --what model   merged into a given base
   rwkv-peft export model.pth model_hf/                        checkpoint layout conversion
 
 A runtime state file holds blocks.N.att.time_state shaped [H, N, N] (S[h, value, key], fp32): the layout the
-official rwkv package and RWKV runtimes load as the initial state.
+official rwkv package and RWKV runtimes load as the initial state. SRC and --base accept what a recipe's
+model.path accepts (assets:NAME, ~, .pth files, folders).
 """
+
+STATE_OUTPUTS = {".pth": "runtime state", ".safetensors": "state adapter"}
+MODEL_OUTPUTS = {".pth": "BlinkDL checkpoint", "": "Hugging Face model"}
 
 
 def add_arguments(p):
     import argparse
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = EPILOG
-    p.add_argument("src", help="an adapter folder, a state file (.pth / .safetensors) or a model checkpoint")
+    p.add_argument("src", help="an adapter folder, a state file (.pth / .safetensors) or a model checkpoint "
+                               "(.pth, folder, assets:NAME)")
     p.add_argument("out", help="a .pth file, a .safetensors state file, or a folder (Hugging Face model)")
     p.add_argument("--what", choices=["auto", "state", "model"], default="auto",
                    help="export the state or the merged model (default: the state when SRC holds one and no "
@@ -29,12 +37,44 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    from ..export import export
+    from ..export import ExportError, _is_state_source, export_state
+    from ..methods.adapter_io import AdapterMismatchError
     from ..models.rwkv7.convert_rwkv7 import CheckpointError
+    from ._common import (check_output, convert_model, is_adapter_dir, resolve_base, resolve_input, shown,
+                          write_model)
 
+    src = resolve_input(args.src, "SRC")
     try:
-        print(export(args.src, args.out, what=args.what, base=args.base, dtype=args.dtype))
-    except (CheckpointError, ValueError, FileNotFoundError) as e:
+        state_source = _is_state_source(src)
+    except CheckpointError as e:
+        raise UsageError(str(e)) from None
+    as_state = args.what == "state" or (args.what == "auto" and args.base is None and state_source)
+    try:
+        if as_state:
+            if not state_source:
+                raise UsageError(f"SRC {args.src!r} holds no state to export (no state_adapter.safetensors, no "
+                                 f"blocks.N.att.time_state); use --what model to export the model")
+            out, _ = check_output(args.out, STATE_OUTPUTS, arg="OUT", command="export (a state)",
+                                  hint="add --what model to export the merged model instead"
+                                  if is_adapter_dir(src) and args.what == "auto" else "")
+            msg = export_state(src, out).replace(str(src), shown(args.src), 1)
+            if is_adapter_dir(src) and (src / "adapter_config.json").is_file():
+                msg += (" (the folder's LoRA is not part of a state file: use --what model to export the merged "
+                        "model)")
+            print(msg)
+            return 0
+        out, kind = check_output(args.out, MODEL_OUTPUTS, arg="OUT", command="export (a model)")
+        if is_adapter_dir(src):
+            from ..merge import merge_adapters
+            base_spec, base = resolve_base(args.base, src, model_arg="--base")
+            model = merge_adapters(base, [src], dtype="float32")
+            desc = write_model(model, out, kind, dtype=args.dtype, tokenizer_from=[src, base])
+            print(f"merged {shown(args.src)} into {shown(base_spec)} -> {desc}")
+            return 0
+        if args.base:
+            raise UsageError(f"--base is for merging an adapter; SRC {args.src!r} is a model checkpoint")
+        print(convert_model(src, out, kind, dtype=args.dtype))
+    except (CheckpointError, AdapterMismatchError, ExportError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -44,4 +44,43 @@ def run(args) -> int:
         return fail(1, str(e))
     if result.final_dir is not None:
         print(result.final_dir)
+        print(next_steps(recipe, args.recipe, result.final_dir, args.overrides), file=sys.stderr)
     return 0
+
+
+def next_steps(recipe, recipe_arg: str, final_dir, overrides=()) -> str:
+    """The commands that use what a run made, with its real paths as the user gave them (never made absolute)."""
+    from pathlib import Path
+
+    from ..tuners.state_tuning import STATE_FILE
+    from ._common import quoted
+
+    final_dir = Path(final_dir)
+    run_dir, made = final_dir.parent, quoted(final_dir)
+    lines = [f"Next steps (from this folder; {made} is what this run made):"]
+    if (final_dir / "adapter_config.json").is_file() or (final_dir / STATE_FILE).is_file():
+        base = quoted(recipe.model.path)
+        merged = quoted(run_dir / "merged")
+        lines += [
+            "  # chat with it (/help in the chat lists its commands; the base is recorded in the adapter, so "
+            f"{base} may be left out)",
+            f"  rwkv-peft chat {base} --adapter {made}",
+            "  # merge it into the base: a Hugging Face folder with the tokenizer (--out NAME.pth writes a BlinkDL "
+            ".pth), then chat with that",
+            f"  rwkv-peft merge --base {base} --adapter {made} --out {merged}",
+            f"  rwkv-peft chat {merged}",
+        ]
+        if (final_dir / STATE_FILE).is_file():
+            lines += ["  # export the tuned state: the initial-state file RWKV runtimes load (blocks.N.att.time_state)",
+                      f"  rwkv-peft export {made} {quoted(run_dir / 'state.pth')}"]
+    else:
+        lines += ["  # chat with it (/help in the chat lists its commands)",
+                  f"  rwkv-peft chat {made}",
+                  "  # export it as a BlinkDL .pth for RWKV runtimes",
+                  f"  rwkv-peft export {made} {quoted(run_dir / 'model.pth')}"]
+    # eval reads the same recipe: the --set values that say where the data and the run are, not how to train
+    keep = [o for o in overrides if o.split("=", 1)[0].strip().split(".")[0] in ("data", "output", "model", "eval")
+            and not o.replace(" ", "").startswith("output.overwrite=")]
+    lines += ["  # loss and perplexity on the recipe's held-out data",
+              f"  rwkv-peft eval {quoted(recipe_arg)}" + "".join(f" --set {quoted(o)}" for o in keep)]
+    return "\n".join(lines)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -91,17 +92,23 @@ def save_adapter(model: nn.Module, out_dir: os.PathLike, extra: Optional[dict] =
                          "(apply_state_tuning)")
     out_dir = Path(out_dir)
     info = load_info(model)
+    # the base as a portable spec (assets:..., relative, ~/...): no local folder layout in a folder that gets
+    # published (rwkv_peft.paths says how it is resolved again)
+    from ..paths import portable_path
+    base_path = info.get("path") or base.config._name_or_path or None
+    base_path = portable_path(base_path) if base_path else None
     manifest = {
         "format": "rwkv-peft-adapter", "format_version": FORMAT_VERSION, "rwkv_peft_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "contains": {"lora": lora, "state": st is not None},
-        "base": {"path": info.get("path") or base.config._name_or_path or None,
+        "base": {"path": base_path,
                  "dtype": info.get("dtype"), "quantization": info.get("quantization"),
                  "double_quant": info.get("double_quant", False), **base_sizes(model)},
     }
     with atomic_path(out_dir, is_dir=True) as tmp:
         if lora:
-            manifest["lora"] = _save_lora(model, Path(tmp))
+            with _recorded_base_name(model, base_path):
+                manifest["lora"] = _save_lora(model, Path(tmp))
         if st is not None:
             save_state_file(get_states(model), Path(tmp) / STATE_FILE, extra=st.to_dict())
             manifest["state"] = {"file": STATE_FILE, "layout": STATE_LAYOUT, "init": st.init,
@@ -110,6 +117,24 @@ def save_adapter(model: nn.Module, out_dir: os.PathLike, extra: Optional[dict] =
             manifest["extra"] = extra
         (Path(tmp) / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
     return out_dir
+
+
+@contextmanager
+def _recorded_base_name(model, name: Optional[str]):
+    """peft writes the base's name into adapter_config.json and its README: make it ``name`` while saving."""
+    from ..tuners.state_tuning import unwrap
+    configs = list(model.peft_config.values())
+    base = unwrap(model)
+    saved = [c.base_model_name_or_path for c in configs], base.config._name_or_path, base.name_or_path
+    try:
+        for c in configs:
+            c.base_model_name_or_path = name
+        base.config._name_or_path = base.name_or_path = name or ""
+        yield
+    finally:
+        for c, old in zip(configs, saved[0]):
+            c.base_model_name_or_path = old
+        base.config._name_or_path, base.name_or_path = saved[1], saved[2]
 
 
 def _save_lora(model, tmp: Path) -> dict:
@@ -128,7 +153,16 @@ def _save_lora(model, tmp: Path) -> dict:
                   metadata={"format": "pt"})
         import warnings
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r".*Quant\(W_res\).*")
+            # Three notices of peft's conversion itself: it loads A0 B0 as a second adapter and warns "PiSSA
+            # (OLoRA) changes the base weights of the model and should thus not be used with other adapters.
+            # Consider converting ..." (this call is that conversion); it reads the initial weights with
+            # save_embedding_layers="auto", which looks for config.json next to a .pth base (and on the Hub) and
+            # warns "Could not find a config file in ... - will assume that the vocabulary was not modified" (it
+            # never is here); on a quantized base it notes "Quant(W_res) + AB != Quant(W) + Delta(AB)", the
+            # known gap of merging QPiSSA into the original weights (see merge.py).
+            for message in (r"(PiSSA|OLoRA) changes the base weights", r"Could not find a config file in .* - "
+                            r"will assume that the vocabulary was not modified", r".*Quant\(W_res\)"):
+                warnings.filterwarnings("ignore", message=message, category=UserWarning)
             model.save_pretrained(str(tmp), path_initial_model_for_weight_conversion=str(init_dir),
                                   save_embedding_layers=False)
         shutil.rmtree(init_dir)
@@ -221,8 +255,10 @@ def load_adapter(base_model: nn.Module, adapter_dir: os.PathLike, is_trainable: 
     manifest = check_adapter_fits(adapter_dir, base_model)
     model = base_model
     if (adapter_dir / "adapter_config.json").is_file():
-        model = PeftModel.from_pretrained(base_model, str(adapter_dir), adapter_name=adapter_name,
-                                          is_trainable=is_trainable)
+        from ..quiet import peft_wrapping
+        with peft_wrapping():
+            model = PeftModel.from_pretrained(base_model, str(adapter_dir), adapter_name=adapter_name,
+                                              is_trainable=is_trainable)
         base = model.get_base_model()
         lora_meta = dict((manifest or {}).get("lora") or {})
         if lora_meta:

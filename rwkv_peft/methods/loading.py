@@ -160,7 +160,25 @@ def load_base_model(path: Union[str, os.PathLike], dtype: Union[str, torch.dtype
     model._rwkv_peft_load = {"path": str(path.resolve()), "dtype": dtype_name(dt), "quantization": quantization,
                              "double_quant": bool(double_quant) if quantization in ("nf4", "fp4") else False,
                              "device_map": device_map}
+    if quantization is not None:
+        keep_4bit_layers_trainable(model)
     if trainable_initial_state:
         from ..tuners.state_tuning import add_initial_state
         add_initial_state(model)
     return model.eval()
+
+
+def keep_4bit_layers_trainable(model: nn.Module) -> None:
+    """Switch off bitsandbytes' CPU inference repacking of 4-bit weights.
+
+    bitsandbytes (0.50) repacks a ``Linear4bit`` weight in place, for good, into an AVX-512 BF16 inference layout
+    the first time the layer runs in eval mode without gradients on such a CPU (an evaluation, or the samples
+    before training). Training steps after that go through ``bitsandbytes::gemv_4bit``, which has no autograd
+    kernel: torch warns "bitsandbytes::gemv_4bit: an autograd kernel was not registered to the Autograd key(s)
+    ..." and drops the gradient through the frozen base weight (LoRA gradients of the earlier layers came out
+    about 90% off). A base loaded here is trained and evaluated in turns, so it keeps the trainable layout. GPU
+    layers never repack; the attribute is bitsandbytes' own switch, set from the CPU's features.
+    """
+    for m in model.modules():
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False

@@ -98,8 +98,6 @@ def apply_lora(model: nn.Module, r: int = 16, alpha: float = 32, dropout: float 
     base was (same ``BitsAndBytesConfig``), and the adapter ``A0, B0`` is attached to it - as peft documents for
     QPiSSA. The returned model is a new object; the one passed in should be dropped.
     """
-    from peft import get_peft_model
-
     from ..tuners.state_tuning import mark_states_trainable, state_tuning_config
     from .loading import is_quantized
 
@@ -108,7 +106,7 @@ def apply_lora(model: nn.Module, r: int = 16, alpha: float = 32, dropout: float 
     if init in MUTATING_INITS and is_quantized(model):
         peft_model = _init_on_full_precision(model, cfg)
     else:
-        peft_model = get_peft_model(model, cfg)
+        peft_model = _get_peft_model(model, cfg)
         if init in MUTATING_INITS:  # keep A0, B0 to save the adapter as a plain LoRA on the original base
             _remember_initial(peft_model)
     base = peft_model.get_base_model()
@@ -119,9 +117,20 @@ def apply_lora(model: nn.Module, r: int = 16, alpha: float = 32, dropout: float 
     return peft_model
 
 
+def _get_peft_model(model: nn.Module, cfg):
+    """``peft.get_peft_model`` without transformers' FutureWarning about peft's own read of
+    ``is_gradient_checkpointing`` (see ``rwkv_peft.quiet.peft_wrapping``)."""
+    from peft import get_peft_model
+
+    from ..quiet import peft_wrapping
+    with peft_wrapping():
+        return get_peft_model(model, cfg)
+
+
 def _remember_initial(peft_model) -> None:
     from peft import get_peft_model_state_dict
-    sd = get_peft_model_state_dict(peft_model)
+    # the vocabulary is never resized here; "auto" would look the base path up on the Hub (and warn offline)
+    sd = get_peft_model_state_dict(peft_model, save_embedding_layers=False)
     peft_model.get_base_model()._rwkv_lora_initial = {
         k: v.detach().to("cpu", copy=True) for k, v in sd.items() if "lora_A" in k or "lora_B" in k}
 
@@ -129,7 +138,7 @@ def _remember_initial(peft_model) -> None:
 def _init_on_full_precision(model: nn.Module, cfg):
     import copy
 
-    from peft import get_peft_model, set_peft_model_state_dict
+    from peft import set_peft_model_state_dict
 
     from .. import convert as conv
     from ..tuners.state_tuning import get_states, has_initial_state, set_states, state_tuning_config
@@ -144,7 +153,7 @@ def _init_on_full_precision(model: nn.Module, cfg):
     st_cfg = state_tuning_config(model)
     device_map = info.get("device_map")
     full = load_base_model(info["path"], dtype="float32")
-    full_peft = get_peft_model(full, copy.deepcopy(cfg))
+    full_peft = _get_peft_model(full, copy.deepcopy(cfg))
     _remember_initial(full_peft)
     initial = full_peft.get_base_model()._rwkv_lora_initial
     residual = full_peft.unload()  # base weights with A0 B0 removed (W_res)
@@ -162,7 +171,7 @@ def _init_on_full_precision(model: nn.Module, cfg):
     qmodel.name_or_path = info["path"]
     plain = copy.deepcopy(cfg)
     plain.init_lora_weights = True
-    peft_model = get_peft_model(qmodel, plain)
+    peft_model = _get_peft_model(qmodel, plain)
     device = next(p.device for n, p in peft_model.named_parameters() if "lora_A" in n)
     set_peft_model_state_dict(peft_model, {k: v.to(device) for k, v in initial.items()})
     peft_model.peft_config["default"].init_lora_weights = cfg.init_lora_weights

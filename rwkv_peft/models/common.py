@@ -72,25 +72,47 @@ def _ce_sum(head: nn.Module, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(head(h).float(), y, ignore_index=-100, reduction="sum")
 
 
-def chunked_causal_lm_loss(hidden, head: nn.Module, labels, chunk_size: int = 1024, num_items_in_batch=None):
-    """Mean next-token cross-entropy over labels != -100, never holding more than ``chunk_size`` rows of logits.
+def shift_targets(labels: torch.Tensor) -> torch.Tensor:
+    """[B, T] labels -> [B, T] targets: position t predicts label t+1; the last position predicts nothing."""
+    return F.pad(labels[:, 1:], (0, 1), value=-100)
 
-    hidden: [B, T, C]; labels: [B, T] (unshifted). Each chunk's logits are recomputed in the backward.
+
+def chunked_cross_entropy(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor,
+                          chunk_size: int = 1024) -> torch.Tensor:
+    """Summed cross-entropy of ``head(hidden)`` against ``targets`` (-100 ignored), in fp32, never holding more
+    than ``chunk_size`` rows of logits: each chunk's logits are recomputed in the backward.
+
+    hidden: [B, T, C]; targets: [B, T] aligned with hidden (what each position predicts). Chunks without a
+    target are skipped when ``targets`` is on the CPU (deciding it for device targets would sync the host).
     """
     from torch.utils.checkpoint import checkpoint
 
-    C = hidden.shape[-1]
-    h = hidden[:, :-1].reshape(-1, C)                                            # [B*(T-1), C]
-    y = labels[:, 1:].reshape(-1).to(hidden.device)
-    total = hidden.new_zeros((), dtype=torch.float32)
+    h = hidden.reshape(-1, hidden.shape[-1])                                         # [B*T, C]
+    y_host = targets.reshape(-1)
+    y = y_host.to(hidden.device, non_blocking=True)
+    total = None
     for s in range(0, h.shape[0], chunk_size):
-        ys = y[s:s + chunk_size]
-        if bool((ys != -100).any()):
-            total = total + checkpoint(_ce_sum, head, h[s:s + chunk_size], ys, use_reentrant=False)
-    count = num_items_in_batch if num_items_in_batch is not None else (y != -100).sum()
+        if y_host.device.type == "cpu" and not bool((y_host[s:s + chunk_size] != -100).any()):
+            continue
+        ce = checkpoint(_ce_sum, head, h[s:s + chunk_size], y[s:s + chunk_size], use_reentrant=False)
+        total = ce if total is None else total + ce
+    if total is None:  # nothing to predict: a zero that still reaches every weight (DDP expects gradients)
+        total = checkpoint(_ce_sum, head, h[:1], y[:1], use_reentrant=False)
+    return total
+
+
+def chunked_causal_lm_loss(hidden, head: nn.Module, labels=None, chunk_size: int = 1024, num_items_in_batch=None,
+                           shift_labels=None):
+    """Mean next-token cross-entropy (transformers' convention: ``labels`` unshifted, or ``shift_labels``
+    already aligned), divided by ``num_items_in_batch`` when given (the step's token count under gradient
+    accumulation), else by this batch's count. Never holds the ``[B, T, V]`` logits.
+    """
+    targets = shift_labels if shift_labels is not None else shift_targets(labels)
+    total = chunked_cross_entropy(hidden, head, targets, chunk_size)
+    count = num_items_in_batch if num_items_in_batch is not None else (targets != -100).sum()
     if isinstance(count, torch.Tensor):
-        count = count.to(total.device)
-    return total / (count.clamp_min(1) if isinstance(count, torch.Tensor) else max(int(count), 1))
+        return total / count.to(total.device).clamp_min(1)
+    return total / max(count, 1)
 
 
 @torch.no_grad()
@@ -189,9 +211,10 @@ class RWKVGenerationMixin(StateGenerationMixin):
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, state=None, labels=None,
                 use_cache=None, output_hidden_states=None, return_dict=None, logits_to_keep=0,
                 return_logits: bool = True, loss_chunk_size: int = 1024, **kwargs):
-        """``labels`` are shifted inside (``labels = input_ids`` works; -100 is ignored).
+        """``labels`` are shifted inside (``labels = input_ids`` works; -100 is ignored); ``shift_labels``
+        (transformers' name) gives the targets already aligned with the positions, e.g. for a chunk of a row.
 
-        ``return_logits=False`` with ``labels`` computes the loss ``loss_chunk_size`` tokens at a time and
+        ``return_logits=False`` with labels computes the loss ``loss_chunk_size`` tokens at a time and
         recomputes each chunk's logits in the backward, so the ``[B, T, V]`` logits (V = 65536) never exist at
         once; ``logits`` is then None. Training uses this.
         """
@@ -200,9 +223,10 @@ class RWKVGenerationMixin(StateGenerationMixin):
                          state=state, use_cache=use_cache, output_hidden_states=output_hidden_states,
                          return_dict=True)
         hidden = out.last_hidden_state
-        if labels is not None and not return_logits:
+        shift_labels = kwargs.get("shift_labels")
+        if (labels is not None or shift_labels is not None) and not return_logits:
             loss = chunked_causal_lm_loss(hidden, self.head, labels, loss_chunk_size,
-                                          kwargs.get("num_items_in_batch"))
+                                          kwargs.get("num_items_in_batch"), shift_labels)
             if not return_dict:
                 return tuple(t for t in (loss, out.state, out.hidden_states) if t is not None)
             return RWKVCausalLMOutput(loss=loss, logits=None, state=out.state, hidden_states=out.hidden_states)
@@ -212,7 +236,7 @@ class RWKVGenerationMixin(StateGenerationMixin):
             hidden = hidden[:, logits_to_keep]
         logits = self.head(hidden)
         loss = None
-        if labels is not None:
+        if labels is not None or shift_labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         if not return_dict:
             rest = tuple(t for t in (logits, out.state, out.hidden_states) if t is not None)

@@ -84,7 +84,8 @@ def plot_losses(path: Path, losses: List[float], evals: List[dict], title: str =
     if title:
         ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    if losses or evals:  # a run stopped before its first step has nothing to label (matplotlib would warn)
+        ax.legend()
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")

@@ -156,6 +156,17 @@ def build_model(recipe: Recipe, log=print):
     return model, methods
 
 
+def enable_checkpointing(model) -> None:
+    """Turn on activation (gradient) checkpointing, non-reentrant, under whichever name the installed transformers
+    has: ``activation_checkpointing_enable`` (5.23+, where the old name warns) or ``gradient_checkpointing_enable``
+    (older 5.x)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def base_model(model):
     """The RWKV7ForCausalLM inside wrappers (DDP, peft)."""
     m = model
@@ -397,7 +408,7 @@ def _train(recipe: Recipe, *, tokenizer, progress, log, on_step) -> TrainResult:
         raise TrainingSetupError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary is "
                                  f"{vocab}: they do not belong together (model.tokenizer)")
     if tc.gradient_checkpointing:
-        base_model(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(base_model(model))
     model.train()
     optimizer = _optimizer(_param_groups(model, tc, recipe.method.state_tuning.lr), tc)
     sched_name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[tc.schedule]

@@ -1,6 +1,4 @@
 """Tiny RWKV-7 bases for the method tests (width 128 = 2 heads x 64, 2 layers, vocab 97)."""
-import warnings
-
 import pytest
 import torch
 
@@ -9,15 +7,6 @@ from rwkv_peft.convert import convert
 from tests.factories import make_blinkdl_v7
 
 VOCAB, WIDTH, LAYERS = 97, 128, 2
-
-
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*MatMul8bitLt.*")
-        warnings.filterwarnings("ignore", message=r".*Quant\(W_res\).*")
-        warnings.filterwarnings("ignore", category=UserWarning, module=r"peft\..*")
-        yield
 
 
 @pytest.fixture(scope="session")

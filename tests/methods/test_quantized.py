@@ -1,5 +1,7 @@
 """Quantized bases on CPU (bitsandbytes): QLoRA nf4 / fp4 / int8, what stays in high precision, merging a
 quantized run into the full-precision base, PiSSA on a 4-bit base."""
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -47,7 +49,8 @@ def _merge_checks(model, base_pth, probe, tmp_path):
     assert rel_err(logits(merge_adapters(None, [tmp_path / "qa"]), probe), want) <= 1e-5  # base from manifest
     with pytest.raises(MergeError, match="quantized"):
         merge_adapters(load_base_model(base_pth, dtype="float32", quantization="nf4"), [tmp_path / "qa"])
-    lossy = merge_model(model, allow_lossy=True)
+    with pytest.warns(UserWarning, match="rounding errors"):  # peft re-quantizes: lossy, as asked
+        lossy = merge_model(model, allow_lossy=True)
     assert is_quantized(lossy)
     with pytest.raises(MergeError, match="quantized"):
         save_merged(lossy, tmp_path / "lossy.pth")
@@ -79,6 +82,30 @@ def test_pissa_on_4bit_base(init, base_pth, batch, probe, tmp_path):
     loaded = load_adapter(load_base_model(base_pth, dtype="float32"), tmp_path / "qpissa")
     merged = merge_adapters(base_pth, [tmp_path / "qpissa"])
     assert rel_err(logits(merged, probe), logits(loaded, probe)) <= 1e-5
+
+
+@pytest.mark.parametrize("quant", ["nf4", "fp4"])
+def test_an_evaluation_pass_leaves_the_4bit_gradients_alone(quant, base_pth, batch):
+    """bitsandbytes repacks 4-bit weights for CPU inference on an eval-mode no-grad pass (on AVX-512 BF16 CPUs);
+    training after that lost the gradient through the base weights. load_base_model keeps the trainable layout."""
+    def grads(evaluate_first: bool) -> dict:
+        torch.manual_seed(0)
+        model = apply_lora(load_base_model(base_pth, dtype="float32", quantization=quant), r=4)
+        for name, p in model.named_parameters():  # B = 0 would hide the gradient through the base weights
+            if "lora_B" in name:
+                nn.init.normal_(p, std=0.1, generator=torch.Generator().manual_seed(1))
+        if evaluate_first:
+            logits(model, batch)
+        model.train()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)  # "...gemv_4bit: an autograd kernel was not registered"
+            model(input_ids=batch, labels=batch).loss.backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    plain, after_eval = grads(False), grads(True)
+    assert plain.keys() == after_eval.keys() and plain
+    for name in plain:
+        assert torch.equal(plain[name], after_eval[name]), name
 
 
 def test_bad_quantization_name(base_pth):

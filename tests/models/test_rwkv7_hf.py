@@ -69,6 +69,21 @@ def test_labels_loss_is_shifted_cross_entropy_ignoring_minus_100():
     assert torch.allclose(out.loss, want, atol=1e-6)
     chunked = model(x, labels=labels, return_logits=False, loss_chunk_size=5)
     assert chunked.logits is None and torch.allclose(chunked.loss, want, atol=1e-6)
+    from rwkv_peft.models.common import shift_targets
+    aligned = model(x, shift_labels=shift_targets(labels), return_logits=False, loss_chunk_size=5)
+    assert torch.allclose(aligned.loss, want, atol=1e-6)
+    n = int((labels[:, 1:] != -100).sum())
+    summed = model(x, labels=labels, return_logits=False, loss_chunk_size=5, num_items_in_batch=1)
+    assert torch.allclose(summed.loss, want * n, rtol=1e-5)
+
+
+def test_chunked_loss_of_a_chunk_with_nothing_to_predict_still_reaches_every_weight():
+    model, x = tiny(), ids()
+    model.train()
+    out = model(x, labels=torch.full_like(x, -100), return_logits=False, loss_chunk_size=4)
+    out.loss.backward()
+    assert out.loss.item() == 0.0
+    assert model.head.weight.grad is not None and model.model.emb.weight.grad is not None
 
 
 def test_inputs_embeds_and_hidden_states():

@@ -5,6 +5,7 @@ import json
 import os
 import pickle
 import random
+from pathlib import Path
 
 import pytest
 
@@ -328,7 +329,7 @@ def test_save_and_load_round_trip(tmp_path, official):
     t = RWKVWorldTokenizer(append_eos=True)
     t.add_tokens(["<|user|>"])
     files = t.save_pretrained(tmp_path)
-    assert (tmp_path / "rwkv_vocab_v20230424.txt").read_bytes() == open(DEFAULT_VOCAB_FILE, "rb").read()
+    assert (tmp_path / "rwkv_vocab_v20230424.txt").read_bytes() == Path(DEFAULT_VOCAB_FILE).read_bytes()
     config = json.loads((tmp_path / "tokenizer_config.json").read_text())
     assert config["tokenizer_class"] == "RWKVWorldTokenizer"
     assert config["append_eos"] is True and config["eos_token"] == "<|endoftext|>"

@@ -74,7 +74,12 @@ def test_train_exit_codes(tmp_path, tiny_model, chat_file, tok_dir, capsys):
     assert main(["train", str(good), "--progress", "off"]) == 0
     out = tmp_path / "out" / "cli"
     assert (out / "model" / "model.safetensors").is_file()
-    assert str(out / "model") in capsys.readouterr().out
+    cap = capsys.readouterr()
+    assert str(out / "model") in cap.out
+    # it ends with the commands that use the full model it made (an adapter run: tests/test_cli_paths.py)
+    assert f"rwkv-peft chat {out / 'model'}\n" in cap.err
+    assert f"rwkv-peft export {out / 'model'} {out / 'model.pth'}\n" in cap.err
+    assert f"rwkv-peft eval {good}" in cap.err
     # eval: the trained model, then the base, on the held-out rows
     assert main(["eval", str(good), "--json"]) == 0
     trained = json.loads(capsys.readouterr().out)
