@@ -16,16 +16,20 @@ def add_arguments(p):
                                        "assets:NAME")
     which.add_argument("--base", action="store_true", help="the recipe's base model as it is")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when there is one)")
 
 
 def run(args) -> int:
     import math
 
+    import torch
+
+    from .. import methods
     from ..data import DataError, build_datasets
     from ..methods.adapter_io import AdapterMismatchError
     from ..models.rwkv7.convert_rwkv7 import CheckpointError
     from ..recipe import RecipeError, load_recipe, resolve_path
-    from ..training.loop import TrainingSetupError, _plain_load, evaluate_rows, load_tokenizer
+    from ..training.loop import TrainingSetupError, evaluate_rows, load_tokenizer
     from ._common import is_adapter_dir, resolve_adapter, resolve_input, shown
 
     def fail(msg):
@@ -52,20 +56,22 @@ def run(args) -> int:
                 return fail(f"{shown(out)}: no trained adapter/ or model/ here yet; pass --adapter, --model or "
                             f"--base")
             as_adapter = is_adapter_dir(target)
-        if target is None:
-            model, what = _plain_load(mcfg), f"{mcfg.path} (base)"
-        elif as_adapter:  # on the recipe's base: the base the run trained on
-            from .. import methods
-            base = methods.load_base_model(str(resolve_path(mcfg.path)), dtype=mcfg.dtype,
-                                           quantization=mcfg.quantization, double_quant=mcfg.double_quant)
-            model = methods.load_adapter(base, str(target))
-            what = f"{shown(args.adapter or args.model or target)} on {mcfg.path}"
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device_map = {"": device.index or 0} if device.type == "cuda" else "cpu"
+        if target is None or as_adapter:  # the recipe's base, as the run trained on it
+            model = methods.load_base_model(str(resolve_path(mcfg.path)), dtype=mcfg.dtype,
+                                            quantization=mcfg.quantization, double_quant=mcfg.double_quant,
+                                            device_map=device_map)
+            what = f"{mcfg.path} (base)"
+            if as_adapter:
+                model = methods.load_adapter(model, str(target))
+                what = f"{shown(args.adapter or args.model or target)} on {mcfg.path}"
         else:
-            model = _plain_load(mcfg.model_copy(update={"path": str(target), "quantization": None}))
+            model = methods.load_base_model(str(target), dtype=mcfg.dtype, device_map=device_map)
             what = shown(args.model or target)
         chunk = recipe.data.long_context.chunk_len if recipe.data.long_context.mode == "chunk" else None
         loss_sum, tokens = evaluate_rows(model, rows, recipe.eval.batch_size or recipe.train.batch_size, chunk,
-                                         max_batches=recipe.eval.max_batches)
+                                         device=device, max_batches=recipe.eval.max_batches)
     except RecipeError as e:
         return fail(f"{args.recipe} is not a valid recipe:\n  " + "\n  ".join(e.problems))
     except (DataError, CheckpointError, TrainingSetupError, AdapterMismatchError) as e:

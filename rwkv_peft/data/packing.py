@@ -16,6 +16,8 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 
+from ..models.common import shift_targets as shifted_targets  # noqa: F401 (one definition)
+
 IGNORE = -100
 
 
@@ -64,11 +66,6 @@ def collate(rows: Sequence[Dict[str, Sequence[int]]], pad_id: int = 0, pad_to_mu
         labels[i, :n] = torch.as_tensor(list(r["labels"]), dtype=torch.long)
         mask[i, :n] = 1
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
-
-
-def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
-    """``targets[:, t] = labels[:, t + 1]`` (the token position ``t`` predicts); the last is IGNORE."""
-    return torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE)], dim=1)
 
 
 def chunk_spans(length: int, chunk_len: int) -> List[Tuple[int, int]]:

@@ -37,6 +37,12 @@ TARGET_PRESETS_V6 = {
 }
 
 
+# modules no adapter goes on: RWKV-7's layer 0 takes its value residual from itself, so its v_lora never reaches
+# the loss (an adapter there would never train, and its missing gradient stalls DDP's all-reduce)
+NEVER_TARGETED = ["blocks.0.att.v_lora.down", "blocks.0.att.v_lora.up"]
+NEVER_TARGETED_V6: List[str] = []
+
+
 def presets_for(model: Optional[nn.Module]) -> dict:
     """The target presets of the model's RWKV version (RWKV-7's when unknown)."""
     config = getattr(model, "config", None)
@@ -81,8 +87,10 @@ def lora_config(r: int = 16, alpha: float = 32, dropout: float = 0.0, targets="d
         raise ValueError(f"init {init!r}: expected one of {INITS}")
     if r < 1:
         raise ValueError(f"r={r}: the LoRA rank must be >= 1")
+    never = NEVER_TARGETED_V6 if presets is TARGET_PRESETS_V6 else NEVER_TARGETED
     return LoraConfig(
         r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=resolve_targets(targets, presets), bias="none",
+        exclude_modules=list(never) or None,
         use_dora=variant == "dora", use_rslora=variant == "rslora",
         init_lora_weights=True if init is None else init,
         modules_to_save=list(modules_to_save) if modules_to_save else None, task_type="CAUSAL_LM",

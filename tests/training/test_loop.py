@@ -26,7 +26,7 @@ def test_full_finetune_loss_goes_down_and_writes_outputs(tmp_path, tiny_model, c
     assert res.steps == 6 and len(res.losses) == 6
     assert res.losses[-1] < res.losses[0]
     assert [e["step"] for e in res.evals] == [3, 6]
-    assert res.evals[-1]["loss"] < res.evals[0]["loss"] + 1.0 and res.evals[-1]["ppl"] > 1
+    assert res.evals[-1]["loss"] < res.evals[0]["loss"] - 0.05 and res.evals[-1]["ppl"] > 1
     out = res.output_dir
     for f in ("recipe.yaml", "loss.png", "summary.json", "model/config.json", "model/model.safetensors",
               "model/tokenizer.json", "checkpoints/step-0000003/trainer_state.json",
@@ -136,9 +136,27 @@ def test_bf16_checkpointing_and_constant_schedule(tmp_path, tiny_model, chat_fil
     r = make_recipe(tmp_path, tiny_model, chat_file, name="bf16",
                     train_extra=", max_steps: 2, mixed_precision: bf16, gradient_checkpointing: true, "
                                 "schedule: constant, grad_clip: 0.5, report_to: [tensorboard, wandb]")
+    # the time mix runs inside each (checkpointed) block: spy on it, not on the block's own forward
+    from rwkv_peft.models.rwkv7.modeling_rwkv7 import RWKV7TimeMix
+    calls, forward = [], RWKV7TimeMix.forward
+
+    def spy(self, *args, **kwargs):  # what each time-mix call with gradients saw
+        if torch.is_grad_enabled():
+            out = forward(self, *args, **kwargs)
+            calls.append((torch.is_autocast_enabled("cpu"), out[0].dtype))
+            return out
+        return forward(self, *args, **kwargs)
+
     logs = []
-    res = train(r, tokenizer=tok, progress=True, log=logs.append)
+    RWKV7TimeMix.forward = spy
+    try:
+        res = train(r, tokenizer=tok, progress=True, log=logs.append)
+    finally:
+        RWKV7TimeMix.forward = forward
     assert all(torch.isfinite(torch.tensor(res.losses)))
+    # 2 steps x 2 micro-batches x 2 layers, each run twice: the forward, then again in the backward
+    assert len(calls) == 2 * 2 * 2 * 2
+    assert all(autocast and dtype == torch.bfloat16 for autocast, dtype in calls), calls
     try:
         import wandb  # noqa: F401
     except ImportError:

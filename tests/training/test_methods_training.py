@@ -51,8 +51,13 @@ def test_state_tuning_persona(tmp_path, tiny_model, tok):
                fmt="persona", data_extra=", persona_in_prompt: false")
     res = quiet(r, tok)
     assert res.losses[-1] < res.losses[0]
-    files = {p.name for p in res.final_dir.iterdir()}
-    assert files & {"state_adapter.safetensors", "adapter_model.safetensors"}, files
+    from safetensors.torch import load_file
+
+    from rwkv_peft.tuners.state_tuning import STATE_FILE
+    states = load_file(res.final_dir / STATE_FILE)
+    assert sorted(states) == [f"blocks.{i}.att.time_state" for i in range(2)], sorted(states)
+    assert all(t.abs().sum() > 0 for t in states.values())  # learned from zeros
+    assert not (res.final_dir / "adapter_model.safetensors").exists()  # no LoRA in a state-only run
 
 
 def test_lora_plus_state_resume_is_exact(tmp_path, tiny_model, chat_file, tok):
@@ -81,8 +86,21 @@ def test_lora_plus_state_resume_is_exact(tmp_path, tiny_model, chat_file, tok):
 def test_qlora_nf4_on_cpu(tmp_path, tiny_model, chat_file, tok):
     pytest.importorskip("rwkv_peft.methods")
     pytest.importorskip("bitsandbytes")
-    r = recipe(tmp_path, tiny_model, chat_file, "{lora: {enabled: true, r: 4}}", "qlora", steps=3,
+    r = recipe(tmp_path, tiny_model, chat_file, "{lora: {enabled: true, r: 4}}", "qlora", steps=6,
                extra=", quantization: nf4")
     r.train.gradient_checkpointing = True
     res = quiet(r, tok)
     assert all(torch.isfinite(torch.tensor(res.losses)))
+    assert res.evals[-1]["loss"] < res.evals[0]["loss"] and res.losses[-1] < res.losses[0]
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_a_checkpoint_changes_nothing_in_the_run(init, tmp_path, tiny_model, chat_file, tok):
+    """peft's PiSSA/OLoRA conversion (run when a checkpoint writes its adapter) freezes the learned state and
+    switches to eval mode; the loop restores both, so checkpointing every step gives the same run."""
+    method = f"{{lora: {{enabled: true, r: 4, init: {init}}}, state_tuning: {{enabled: true, lr: 0.05}}}}"
+    plain = quiet(recipe(tmp_path, tiny_model, chat_file, method, f"{init}-plain"), tok)
+    r = recipe(tmp_path, tiny_model, chat_file, method, f"{init}-saved")
+    r.train.save_every = 1
+    saved = quiet(r, tok)
+    assert saved.losses == plain.losses and saved.evals == plain.evals

@@ -1,0 +1,54 @@
+"""The order of the training data: micro-batches across epochs for one process, addressable by index.
+
+Epoch ``e`` shuffles the rows with seed ``train.seed + e``, each process takes every ``world``-th row of that
+order, and the stream runs across epochs. The data position is therefore just ``step * grad_accum``
+micro-batches, which is what makes resume exact.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List
+
+import torch
+
+from ..data import DataError
+from ..data.packing import collate
+
+
+class Stream:
+    """Micro-batches across epochs for one process; ``indices(micro)`` are the rows of micro-batch ``micro``."""
+
+    def __init__(self, n_rows: int, batch_size: int, rank: int, world: int, seed: int):
+        self.per_rank = n_rows // world
+        if self.per_rank == 0:
+            raise DataError(f"{n_rows} training row(s) cannot feed {world} processes")
+        self.n, self.bs, self.rank, self.world, self.seed = n_rows, batch_size, rank, world, seed
+        self.batches_per_epoch = math.ceil(self.per_rank / batch_size)
+        self._epoch, self._order = -1, None
+
+    def order(self, epoch: int) -> List[int]:
+        if epoch != self._epoch:
+            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+            self._order, self._epoch = perm[self.rank::self.world][: self.per_rank], epoch
+        return self._order
+
+    def locate(self, micro: int):
+        """(epoch, batch index within the epoch) of micro-batch ``micro``."""
+        return divmod(micro, self.batches_per_epoch)
+
+    def indices(self, micro: int) -> List[int]:
+        epoch, b = self.locate(micro)
+        return self.order(epoch)[b * self.bs: (b + 1) * self.bs]
+
+
+def rows(ds, idx: List[int]) -> List[dict]:
+    """Rows ``idx`` of a ``datasets.Dataset`` (one columnar read) or of a list."""
+    if hasattr(ds, "select") and hasattr(ds, "column_names"):
+        cols = ds[idx]
+        return [{"input_ids": a, "labels": b} for a, b in zip(cols["input_ids"], cols["labels"])]
+    return [ds[i] for i in idx]
+
+
+def batch_of(ds, idx: List[int]) -> Dict[str, torch.Tensor]:
+    """The collated (right-padded) batch of rows ``idx``: input_ids, labels, attention_mask [B, T] on the CPU."""
+    return collate(rows(ds, idx))

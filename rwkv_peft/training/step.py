@@ -1,0 +1,98 @@
+"""One optimizer step: forward and backward of each micro-batch, never holding ``[B, T, V]`` logits.
+
+The step's loss is the mean cross-entropy over its trained tokens: each micro-batch's summed token loss is
+divided by the token count of the whole step, counted on the CPU (no host sync). The model computes the loss
+``loss_chunk_size`` positions at a time (``return_logits=False``), recomputing each chunk's logits in the
+backward.
+
+Several processes: DDP averages the gradients. Only the step's last backward synchronizes; every other forward
+and backward runs under ``no_sync``, and DDP's all-reduce then carries the gradients accumulated before it, in
+chunk mode too. Right padding needs no mask: padding carries no loss, and a pad only changes the state after a
+row's last real token, which nothing reads.
+
+Long-context chunk mode runs each row ``chunk_len`` tokens at a time, carrying the RWKV state from chunk to
+chunk. The gradient flows through the carried state within a window of ``grad_chunks`` chunks; then the
+window's loss is back-propagated, its graph freed and the state detached (truncated back-propagation through
+time). ``grad_chunks: 1`` keeps the memory of one chunk.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import List, Sequence, Tuple
+
+import torch
+
+from ..data.packing import IGNORE, chunk_spans
+from ..models.common import shift_targets
+
+Span = Tuple[int, int]
+
+
+class TrainingError(RuntimeError):
+    """The run started and failed (exit code 1)."""
+
+
+class TrainingDiverged(TrainingError):
+    """A non-finite loss: the message names the step, the micro-batch and its rows."""
+
+
+def windows(length: int, chunk_len: int, grad_chunks: int, chunked: bool) -> List[List[Span]]:
+    """The token spans of a row, grouped into back-propagation windows: ``[[(0, T)]]`` outside chunk mode."""
+    if not chunked:
+        return [[(0, length)]]
+    spans = chunk_spans(length, chunk_len)
+    return [spans[i:i + grad_chunks] for i in range(0, len(spans), grad_chunks)]
+
+
+def trained_tokens(batch) -> int:
+    """How many positions of ``batch`` carry a loss (counted on the CPU)."""
+    return int((shift_targets(batch["labels"]) != IGNORE).sum())
+
+
+def micro_batch_loss(acc, model, batch, denom: float, lc, chunked: bool, sync: bool,
+                     loss_chunk_size: int = 1024) -> torch.Tensor:
+    """Forward and backward of one micro-batch (loss / ``denom``); returns its summed token loss, detached.
+
+    ``sync``: this micro-batch ends the step, so its last backward all-reduces the gradients.
+    """
+    ids = batch["input_ids"].to(acc.device, non_blocking=True)              # [B, T]
+    targets = shift_targets(batch["labels"])                                # [B, T] on the CPU
+    wins = windows(ids.shape[1], lc.chunk_len, lc.grad_chunks, chunked)
+    total, state = None, None
+    for w, window in enumerate(wins):
+        last_window = sync and w == len(wins) - 1
+        loss = None
+        for c, (s, e) in enumerate(window):
+            # DDP prepares its all-reduce in the forward right before the backward that syncs
+            with _sync_if(acc, model, last_window and c == len(window) - 1):
+                out = model(input_ids=ids[:, s:e], state=state, use_cache=chunked, shift_labels=targets[:, s:e],
+                            num_items_in_batch=1, return_logits=False, loss_chunk_size=loss_chunk_size)
+            loss = out.loss if loss is None else loss + out.loss
+            state = out.state if chunked else None
+        with _sync_if(acc, model, last_window):
+            acc.backward(loss / denom)
+        total = loss.detach() if total is None else total + loss.detach()
+        if state is not None:
+            state = [tuple(t.detach() for t in layer) for layer in state]
+    return total
+
+
+def _sync_if(acc, model, sync: bool):
+    return contextlib.nullcontext() if sync else acc.no_sync(model)
+
+
+def forward_backward(acc, model, batches: Sequence[dict], lc, chunked: bool, loss_chunk_size: int = 1024):
+    """All micro-batches of one step. Returns (summed token loss per micro-batch [n] on the device, tokens)."""
+    tokens = sum(trained_tokens(b) for b in batches)
+    denom = float(max(tokens, 1))
+    losses = [micro_batch_loss(acc, model, b, denom, lc, chunked, sync=j == len(batches) - 1,
+                               loss_chunk_size=loss_chunk_size) for j, b in enumerate(batches)]
+    return torch.stack(losses), tokens
+
+
+def check_finite(losses: List[float], step: int, where) -> None:
+    """Stop at a non-finite micro-batch loss; ``where(j)`` describes micro-batch ``j`` (epoch, batch, rows)."""
+    for j, value in enumerate(losses):
+        if not torch.isfinite(torch.tensor(value)):
+            raise TrainingDiverged(f"the loss is {value} at step {step}, {where(j)}: the run stops (lower "
+                                   f"train.lr, check the data, or resume from the last checkpoint)")
