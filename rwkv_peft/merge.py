@@ -8,7 +8,12 @@ Rules:
 - an adapter that does not fit the base fails before anything is merged, naming the dimension that differs.
 - several LoRA adapters: ``combine`` is one of peft's combination types (linear, cat, svd, ties, ties_svd,
   dare_linear, dare_ties, dare_linear_svd, dare_ties_svd, magnitude_prune, magnitude_prune_svd); "linear"
-  needs equal ranks ("cat" or "svd" mix ranks); TIES / DARE / magnitude pruning use ``density``.
+  needs equal ranks ("cat" or "svd" mix ranks); TIES / DARE / magnitude pruning use ``density`` in (0, 1].
+  As peft defines them, "linear", "ties", "dare_*" and "magnitude_prune" combine the A factors and the B factors
+  separately (each weighted by sqrt(weight * scaling)), not the delta weights B A; the "*_svd" types apply TIES /
+  DARE / pruning to the delta weights (the published definitions) and keep the top ``max(r)`` singular directions;
+  "cat" is the exact weighted sum of the deltas. The combined delta carries scaling 1 (each adapter's scaling,
+  rsLoRA's included, is already folded in). DoRA adapters are not combined (peft would drop their magnitudes).
 - several states: ``S = sum_i w_i S_i`` per layer with the same weights (see
   ``rwkv_peft.tuners.state_tuning.combine_states``). A state replaces a state the base already holds.
 """
@@ -115,6 +120,8 @@ def merge_adapters(base: Union[str, os.PathLike, nn.Module, None], adapters: Seq
         if not a.exists():
             raise FileNotFoundError(f"{a}: no such adapter folder or state file")
     weights = _parse_weights(weights, len(adapters))
+    if density is not None and not 0.0 < float(density) <= 1.0:  # DARE at density 0 divides by 0 (NaN weights)
+        raise MergeError(f"density {density}: expected the fraction of values kept, in (0, 1]")
     if base is None:  # the base the first adapter records (resolved as rwkv_peft.paths.adapter_base says)
         from .paths import BaseNotFoundError, adapter_base
         try:
@@ -180,6 +187,10 @@ def _merge_loras(model, dirs: List[Path], weights: List[float], combine: str, de
     if any(peft_model.peft_config[n].modules_to_save for n in names):
         raise MergeError("adapters with modules_to_save cannot be combined with weights (peft refuses it); merge "
                          "them one at a time")
+    if any(peft_model.peft_config[n].use_dora for n in names):
+        raise MergeError("DoRA adapters cannot be combined with weights: peft's add_weighted_adapter combines only "
+                         "their A and B matrices and drops each adapter's learned magnitude vector; merge a DoRA "
+                         "adapter on its own with weight 1")
     kwargs = {"density": density} if combine in NEEDS_DENSITY else {}
     if combine.endswith("svd"):
         kwargs["svd_rank"] = max(ranks)
@@ -188,8 +199,22 @@ def _merge_loras(model, dirs: List[Path], weights: List[float], combine: str, de
         peft_model.add_weighted_adapter(names, weights, "combined", combination_type=combine, **kwargs)
     except ValueError as e:
         raise MergeError(f"combining {len(dirs)} adapters with {combine!r} failed: {e}") from e
+    _unit_scaling(peft_model, "combined")
     peft_model.set_adapter("combined")
     return peft_model.merge_and_unload(adapter_names=["combined"])
+
+
+def _unit_scaling(peft_model, name: str) -> None:
+    """Give the combined adapter the scaling 1 peft means it to have: it sets ``lora_alpha = r`` because each
+    adapter's scaling is already folded into the combined A, B, but keeps the first adapter's ``use_rslora``,
+    which makes that scaling ``r / sqrt(r) = sqrt(r)`` (the whole merged delta of rsLoRA adapters times sqrt(r))."""
+    from peft.tuners.lora import LoraLayer
+
+    peft_model.peft_config[name].use_rslora = False
+    for m in peft_model.modules():
+        if isinstance(m, LoraLayer) and name in m.scaling:
+            m.scaling[name] = 1.0
+            m.use_rslora[name] = False
 
 
 # ---- writing --------------------------------------------------------------------------------------------------------

@@ -68,9 +68,14 @@ def test_converted_pissa_manifest(base_pth, batch, tmp_path):
 @pytest.mark.parametrize("preset", list(TARGET_PRESETS))
 def test_target_presets(preset, base_pth):
     model = apply_lora(load_base_model(base_pth, dtype="float32"), r=2, targets=preset)
-    wrapped = sorted({n.split("model.blocks.0.", 1)[1].rsplit(".lora_A", 1)[0]
-                      for n, _ in model.named_parameters() if "blocks.0." in n and ".lora_A." in n})
-    assert wrapped == sorted(TARGET_PRESETS[preset])
+
+    def wrapped(block):
+        return sorted({n.split(f"model.blocks.{block}.", 1)[1].rsplit(".lora_A", 1)[0]
+                       for n, _ in model.named_parameters() if f"blocks.{block}." in n and ".lora_A." in n})
+
+    assert wrapped(1) == sorted(TARGET_PRESETS[preset])
+    # layer 0's v_lora never reaches the loss (its value residual is itself): never targeted (NEVER_TARGETED)
+    assert wrapped(0) == sorted(t for t in TARGET_PRESETS[preset] if not t.startswith("att.v_lora."))
 
 
 def test_explicit_targets_and_errors(base_pth):

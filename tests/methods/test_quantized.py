@@ -111,3 +111,38 @@ def test_an_evaluation_pass_leaves_the_4bit_gradients_alone(quant, base_pth, bat
 def test_bad_quantization_name(base_pth):
     with pytest.raises(ValueError, match="quantization 'int4'"):
         load_base_model(base_pth, quantization="int4")
+
+
+def test_device_maps_name_one_device(monkeypatch, base_pth):
+    """Each rank passes device_map={"": its GPU}: a .pth base (built here, then moved) goes to that GPU; a
+    quantized load without a device_map goes to GPU 0 if there is one, else the CPU."""
+    from rwkv_peft.methods import loading
+
+    assert loading._single_device({"": 1}) == "cuda:1"
+    assert loading._single_device({"": 0}) == "cuda:0"
+    assert loading._single_device(1) == "cuda:1"
+    assert loading._single_device({"": "cpu"}) == "cpu"
+    assert loading._single_device("cpu") == "cpu" and loading._single_device("cuda:1") == "cuda:1"
+    assert loading._single_device(None) is None
+    with pytest.raises(ValueError, match="loads onto one device"):
+        loading._single_device({"model.blocks.0": 0, "head": 1})
+    assert loading._default_device_map(None) is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert loading._default_device_map("nf4") == "cpu" and loading._single_device("auto") == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert loading._default_device_map("nf4") == {"": 0} and loading._single_device("auto") == "cuda:0"
+    monkeypatch.undo()
+    # load_base_model: an unquantized .pth with {"": 1} is moved to "cuda:1" (the move needs that GPU: not done
+    # here), and the device_map is recorded for later reloads
+    devices, real = [], loading._build_from_state_dict
+    monkeypatch.setattr(loading, "_build_from_state_dict",
+                        lambda config, sd, dtype, device=None: devices.append(device) or real(config, sd, dtype))
+    model = load_base_model(base_pth, dtype="float32", device_map={"": 1})
+    assert devices == ["cuda:1"] and model._rwkv_peft_load["device_map"] == {"": 1}
+
+
+def test_nf4_load_with_device_map_cpu(base_pth, probe):
+    model = load_base_model(base_pth, dtype="float32", quantization="nf4", device_map="cpu")
+    assert is_quantized(model) and model._rwkv_peft_load["device_map"] == "cpu"
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+    assert torch.isfinite(logits(model, probe)).all()
