@@ -9,6 +9,7 @@ quiet.install()  # before anything imports peft (which imports bitsandbytes)
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
+from .models.rwkv5 import RWKV5Config, RWKV5ForCausalLM, RWKV5Model
 from .models.rwkv6 import RWKV6Config, RWKV6ForCausalLM, RWKV6Model
 from .models.rwkv7 import RWKV7Config, RWKV7ForCausalLM, RWKV7Model
 from .tokenization import RWKVWorldTokenizer
@@ -23,6 +24,11 @@ AutoConfig.register(RWKV6Config.model_type, RWKV6Config, exist_ok=True)
 AutoModel.register(RWKV6Config, RWKV6Model, exist_ok=True)
 AutoModelForCausalLM.register(RWKV6Config, RWKV6ForCausalLM, exist_ok=True)
 AutoTokenizer.register(RWKV6Config, slow_tokenizer_class=RWKVWorldTokenizer, exist_ok=True)
+AutoConfig.register(RWKV5Config.model_type, RWKV5Config, exist_ok=True)
+AutoModel.register(RWKV5Config, RWKV5Model, exist_ok=True)
+AutoModelForCausalLM.register(RWKV5Config, RWKV5ForCausalLM, exist_ok=True)
+AutoTokenizer.register(RWKV5Config, slow_tokenizer_class=RWKVWorldTokenizer, exist_ok=True)
 
 __all__ = ["RWKV7Config", "RWKV7Model", "RWKV7ForCausalLM", "RWKV6Config", "RWKV6Model", "RWKV6ForCausalLM",
+           "RWKV5Config", "RWKV5Model", "RWKV5ForCausalLM",
            "RWKVWorldTokenizer", "__version__"]

@@ -17,6 +17,8 @@ from typing import Dict, Optional, Tuple
 import torch
 from safetensors.torch import load_file, save_file
 
+from .models.rwkv5 import convert_rwkv5
+from .models.rwkv5.configuration_rwkv5 import RWKV5Config
 from .models.rwkv6 import convert_rwkv6
 from .models.rwkv6.configuration_rwkv6 import RWKV6Config
 from .models.rwkv7.configuration_rwkv7 import RWKV7Config
@@ -122,6 +124,9 @@ def load_any(src: os.PathLike) -> Tuple[RWKV7Config, StateDict, str]:
         if raw.get("model_type") == RWKV6Config.model_type:
             config = RWKV6Config.from_dict({k: v for k, v in raw.items() if k not in ("architectures", "auto_map")})
             return config, sd, "hf"
+        if raw.get("model_type") == RWKV5Config.model_type:
+            config = RWKV5Config.from_dict({k: v for k, v in raw.items() if k not in ("architectures", "auto_map")})
+            return config, sd, "hf"
         if raw.get("model_type") == RWKV7Config.model_type:
             config = RWKV7Config.from_dict({k: v for k, v in raw.items() if k not in ("architectures", "auto_map")})
             return config, sd, "hf"
@@ -139,8 +144,12 @@ def load_any(src: os.PathLike) -> Tuple[RWKV7Config, StateDict, str]:
     if version == "6":
         config, hf = convert_rwkv6.blinkdl_to_hf(sd, where=str(src))
         return config, hf, "pth"
+    if version == "5.2":
+        config, hf = convert_rwkv5.blinkdl_to_hf(sd, where=str(src))
+        return config, hf, "pth"
     if version != "7":
-        raise CheckpointError(f"{src}: RWKV-{version} checkpoint; only RWKV-6 and RWKV-7 are supported so far")
+        raise CheckpointError(f"{src}: RWKV-{version} checkpoint; only RWKV-5.2, RWKV-6 and RWKV-7 are supported "
+                              f"so far")
     config, hf = blinkdl_to_hf(sd, where=str(src))
     return config, hf, "pth"
 
@@ -148,7 +157,10 @@ def load_any(src: os.PathLike) -> Tuple[RWKV7Config, StateDict, str]:
 # ---- writing ------------------------------------------------------------------------------------------------
 
 def causal_lm_class(config):
-    """The model class of a config ``load_any`` returned (RWKV6ForCausalLM or RWKV7ForCausalLM)."""
+    """The model class of a config ``load_any`` returned (RWKV5/6/7ForCausalLM)."""
+    if isinstance(config, RWKV5Config):
+        from .models.rwkv5 import RWKV5ForCausalLM
+        return RWKV5ForCausalLM
     if isinstance(config, RWKV6Config):
         from .models.rwkv6 import RWKV6ForCausalLM
         return RWKV6ForCausalLM
@@ -157,7 +169,9 @@ def causal_lm_class(config):
 
 
 def to_blinkdl(sd: StateDict, config) -> StateDict:
-    """Our state dict -> BlinkDL keys, for either version."""
+    """Our state dict -> BlinkDL keys, for any version."""
+    if isinstance(config, RWKV5Config):
+        return convert_rwkv5.hf_to_blinkdl(sd, config)
     if isinstance(config, RWKV6Config):
         return convert_rwkv6.hf_to_blinkdl(sd, config)
     return hf_to_blinkdl(sd, config)

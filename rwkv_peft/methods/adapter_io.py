@@ -27,7 +27,7 @@ MANIFEST = "rwkv_peft_adapter.json"
 FORMAT_VERSION = 1
 SIZE_KEYS = ("architecture", "vocab_size", "hidden_size", "num_hidden_layers", "num_heads", "head_size",
              "intermediate_size", "decay_low_rank", "a_low_rank", "v_low_rank", "gate_low_rank", "mix_low_rank")
-ARCHITECTURES = {"rwkv7_peft": "rwkv7", "rwkv6_peft": "rwkv6"}  # config.model_type -> manifest name
+ARCHITECTURES = {"rwkv7_peft": "rwkv7", "rwkv6_peft": "rwkv6", "rwkv5_peft": "rwkv5"}  # model_type -> manifest
 
 
 class AdapterMismatchError(ValueError):

@@ -123,6 +123,7 @@ def load_base_model(path: Union[str, os.PathLike], dtype: Union[str, torch.dtype
     from transformers import AutoModelForCausalLM
 
     from .. import convert as conv
+    from ..models.rwkv5.configuration_rwkv5 import RWKV5Config
     from ..models.rwkv6.configuration_rwkv6 import RWKV6Config
     from ..models.rwkv7.configuration_rwkv7 import RWKV7Config
 
@@ -137,7 +138,8 @@ def load_base_model(path: Union[str, os.PathLike], dtype: Union[str, torch.dtype
     device_map = device_map if device_map is not None else _default_device_map(quantization)
 
     is_ours = path.is_dir() and conv.read_folder_config(path).get("model_type") in (RWKV7Config.model_type,
-                                                                                     RWKV6Config.model_type)
+                                                                                     RWKV6Config.model_type,
+                                                                                     RWKV5Config.model_type)
     if is_ours:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, quantization_config=qconf,
                                                      device_map=device_map)

@@ -36,17 +36,26 @@ TARGET_PRESETS_V6 = {
     "all": ATTENTION_V6 + FFN_V6 + ["att.maa_lora.down", "att.decay_lora.down", "att.decay_lora.up"],
 }
 
+# RWKV-5.2 has the same projections as RWKV-6 and no low-rank maps: "all" is the default set
+TARGET_PRESETS_V5 = {
+    "default": ATTENTION_V6 + FFN_V6,
+    "attention": ATTENTION_V6,
+    "ffn": FFN_V6,
+    "all": ATTENTION_V6 + FFN_V6,
+}
 
 # modules no adapter goes on: RWKV-7's layer 0 takes its value residual from itself, so its v_lora never reaches
 # the loss (an adapter there would never train, and its missing gradient stalls DDP's all-reduce)
 NEVER_TARGETED = ["blocks.0.att.v_lora.down", "blocks.0.att.v_lora.up"]
 NEVER_TARGETED_V6: List[str] = []
+NEVER_TARGETED_V5: List[str] = []
+_PRESETS_BY_MODEL_TYPE = {"rwkv6_peft": TARGET_PRESETS_V6, "rwkv5_peft": TARGET_PRESETS_V5}
 
 
 def presets_for(model: Optional[nn.Module]) -> dict:
     """The target presets of the model's RWKV version (RWKV-7's when unknown)."""
     config = getattr(model, "config", None)
-    return TARGET_PRESETS_V6 if getattr(config, "model_type", None) == "rwkv6_peft" else TARGET_PRESETS
+    return _PRESETS_BY_MODEL_TYPE.get(getattr(config, "model_type", None), TARGET_PRESETS)
 VARIANTS = ("lora", "dora", "rslora")
 INITS = (None, "pissa", "olora", "gaussian")
 # inits that move part of the base weight into the adapter: the adapter alone is not a delta on the base
@@ -87,7 +96,8 @@ def lora_config(r: int = 16, alpha: float = 32, dropout: float = 0.0, targets="d
         raise ValueError(f"init {init!r}: expected one of {INITS}")
     if r < 1:
         raise ValueError(f"r={r}: the LoRA rank must be >= 1")
-    never = NEVER_TARGETED_V6 if presets is TARGET_PRESETS_V6 else NEVER_TARGETED
+    never = (NEVER_TARGETED_V6 if presets is TARGET_PRESETS_V6 else NEVER_TARGETED_V5 if presets is TARGET_PRESETS_V5
+             else NEVER_TARGETED)
     return LoraConfig(
         r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=resolve_targets(targets, presets), bias="none",
         exclude_modules=list(never) or None,
