@@ -72,12 +72,15 @@ def read_manifest(adapter_dir: os.PathLike) -> Optional[dict]:
 
 # ---- save -------------------------------------------------------------------------------------------------------
 
-def save_adapter(model: nn.Module, out_dir: os.PathLike, extra: Optional[dict] = None) -> Path:
+def save_adapter(model: nn.Module, out_dir: os.PathLike, extra: Optional[dict] = None,
+                 state_dict: Optional[dict] = None) -> Path:
     """Write LoRA (if attached) + state (if state tuning is attached) + manifest into ``out_dir``.
 
     Atomic: everything is written to a temporary folder beside ``out_dir`` that then replaces ``out_dir`` as a
     whole, so give the adapter its own folder (e.g. ``outputs/<run>/adapter``), not the run folder. Pass the
     unwrapped model (``accelerator.unwrap_model``). ``extra`` (JSON-able) is stored in the manifest.
+    ``state_dict``: the model's weights as whole tensors (at least the trained ones), to save instead of the
+    model's own when those are sharded (FSDP2, DeepSpeed ZeRO-3; see ``accelerator.get_state_dict``).
     """
     from .. import __version__
     from ..convert import atomic_path
@@ -108,9 +111,10 @@ def save_adapter(model: nn.Module, out_dir: os.PathLike, extra: Optional[dict] =
     with atomic_path(out_dir, is_dir=True) as tmp:
         if lora:
             with _recorded_base_name(model, base_path):
-                manifest["lora"] = _save_lora(model, Path(tmp))
+                manifest["lora"] = _save_lora(model, Path(tmp), state_dict)
         if st is not None:
-            save_state_file(get_states(model), Path(tmp) / STATE_FILE, extra=st.to_dict())
+            states = get_states(model) if state_dict is None else _states_in(model, state_dict)
+            save_state_file(states, Path(tmp) / STATE_FILE, extra=st.to_dict())
             manifest["state"] = {"file": STATE_FILE, "layout": STATE_LAYOUT, "init": st.init,
                                  "layers": st.num_hidden_layers, "heads": st.num_heads, "head_size": st.head_size}
         if extra:
@@ -137,7 +141,14 @@ def _recorded_base_name(model, name: Optional[str]):
         base.config._name_or_path, base.name_or_path = saved[1], saved[2]
 
 
-def _save_lora(model, tmp: Path) -> dict:
+def _states_in(model, state_dict: dict) -> list:
+    """Every layer's initial state as ``get_states`` gives it, read from ``state_dict`` (keys as the model's)."""
+    from ..tuners.state_tuning import time_mixes
+    names = {id(m): n for n, m in model.named_modules()}
+    return [state_dict[f"{names[id(m)]}.time_state"].detach().float().cpu().clone() for m in time_mixes(model)]
+
+
+def _save_lora(model, tmp: Path, state_dict: Optional[dict] = None) -> dict:
     import shutil
 
     from safetensors.torch import save_file
@@ -147,6 +158,8 @@ def _save_lora(model, tmp: Path) -> dict:
     cfg = model.peft_config[model.active_adapter if isinstance(model.active_adapter, str) else "default"]
     initial = getattr(base, "_rwkv_lora_initial", None)
     if initial is not None:  # PiSSA / OLoRA: save as a plain LoRA (rank 2r) on the original base
+        if state_dict is not None:  # peft's conversion reads the model's own state dict for the initial adapter
+            raise ValueError("a PiSSA / OLoRA adapter cannot be saved from a gathered state dict (FSDP2, ZeRO-3)")
         init_dir = tmp / "initial_adapter"
         init_dir.mkdir()
         save_file({k: v.contiguous() for k, v in initial.items()}, str(init_dir / "adapter_model.safetensors"),
@@ -169,7 +182,7 @@ def _save_lora(model, tmp: Path) -> dict:
         meta["converted_to_plain_lora"] = {"from": str(cfg.init_lora_weights) if meta.get("init") is None
                                            else meta["init"], "rank": cfg.r * 2}
     else:  # the vocabulary is never resized here, so no full embedding copies in the adapter
-        model.save_pretrained(str(tmp), save_embedding_layers=False)
+        model.save_pretrained(str(tmp), save_embedding_layers=False, state_dict=state_dict)
     meta.update({"file": "adapter_model.safetensors", "config": "adapter_config.json", "peft_type": "LORA"})
     return meta
 

@@ -11,12 +11,12 @@ from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from .generation import StateGenerationMixin
+from .loss import chunked_causal_lm_loss, chunked_cross_entropy, shift_targets  # noqa: F401 (their home is loss.py)
 
 LayerState = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -66,53 +66,6 @@ class RWKVCausalLMOutput(ModelOutput):
     logits: Optional[torch.FloatTensor] = None
     state: Optional[List[LayerState]] = None
     hidden_states: Optional[Tuple[torch.FloatTensor, ...]] = None
-
-
-def _ce_sum(head: nn.Module, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(head(h).float(), y, ignore_index=-100, reduction="sum")
-
-
-def shift_targets(labels: torch.Tensor) -> torch.Tensor:
-    """[B, T] labels -> [B, T] targets: position t predicts label t+1; the last position predicts nothing."""
-    return F.pad(labels[:, 1:], (0, 1), value=-100)
-
-
-def chunked_cross_entropy(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor,
-                          chunk_size: int = 1024) -> torch.Tensor:
-    """Summed cross-entropy of ``head(hidden)`` against ``targets`` (-100 ignored), in fp32, never holding more
-    than ``chunk_size`` rows of logits: each chunk's logits are recomputed in the backward.
-
-    hidden: [B, T, C]; targets: [B, T] aligned with hidden (what each position predicts). Chunks without a
-    target are skipped when ``targets`` is on the CPU (deciding it for device targets would sync the host).
-    """
-    from torch.utils.checkpoint import checkpoint
-
-    h = hidden.reshape(-1, hidden.shape[-1])                                         # [B*T, C]
-    y_host = targets.reshape(-1)
-    y = y_host.to(hidden.device, non_blocking=True)
-    total = None
-    for s in range(0, h.shape[0], chunk_size):
-        if y_host.device.type == "cpu" and not bool((y_host[s:s + chunk_size] != -100).any()):
-            continue
-        ce = checkpoint(_ce_sum, head, h[s:s + chunk_size], y[s:s + chunk_size], use_reentrant=False)
-        total = ce if total is None else total + ce
-    if total is None:  # nothing to predict: a zero that still reaches every weight (DDP expects gradients)
-        total = checkpoint(_ce_sum, head, h[:1], y[:1], use_reentrant=False)
-    return total
-
-
-def chunked_causal_lm_loss(hidden, head: nn.Module, labels=None, chunk_size: int = 1024, num_items_in_batch=None,
-                           shift_labels=None):
-    """Mean next-token cross-entropy (transformers' convention: ``labels`` unshifted, or ``shift_labels``
-    already aligned), divided by ``num_items_in_batch`` when given (the step's token count under gradient
-    accumulation), else by this batch's count. Never holds the ``[B, T, V]`` logits.
-    """
-    targets = shift_labels if shift_labels is not None else shift_targets(labels)
-    total = chunked_cross_entropy(hidden, head, targets, chunk_size)
-    count = num_items_in_batch if num_items_in_batch is not None else (targets != -100).sum()
-    if isinstance(count, torch.Tensor):
-        return total / count.to(total.device).clamp_min(1)
-    return total / max(count, 1)
 
 
 @torch.no_grad()
@@ -210,13 +163,13 @@ class RWKVGenerationMixin(StateGenerationMixin):
 
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, state=None, labels=None,
                 use_cache=None, output_hidden_states=None, return_dict=None, logits_to_keep=0,
-                return_logits: bool = True, loss_chunk_size: int = 1024, **kwargs):
+                return_logits: bool = True, loss_chunk_size: Optional[int] = None, **kwargs):
         """``labels`` are shifted inside (``labels = input_ids`` works; -100 is ignored); ``shift_labels``
         (transformers' name) gives the targets already aligned with the positions, e.g. for a chunk of a row.
 
-        ``return_logits=False`` with labels computes the loss ``loss_chunk_size`` tokens at a time and
-        recomputes each chunk's logits in the backward, so the ``[B, T, V]`` logits (V = 65536) never exist at
-        once; ``logits`` is then None. Training uses this.
+        ``return_logits=False`` with labels computes the loss ``loss_chunk_size`` positions at a time (default:
+        a 64 MiB chunk of logits; see ``models/loss.py``), so the ``[B, T, V]`` logits (V = 65536) never exist
+        at once; ``logits`` is then None. Training and evaluation use this.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,

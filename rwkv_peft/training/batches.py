@@ -12,7 +12,7 @@ from typing import Dict, List
 import torch
 
 from ..data import DataError
-from ..data.packing import collate
+from ..data.packing import IGNORE, collate
 
 
 class Stream:
@@ -52,3 +52,21 @@ def rows(ds, idx: List[int]) -> List[dict]:
 def batch_of(ds, idx: List[int]) -> Dict[str, torch.Tensor]:
     """The collated (right-padded) batch of rows ``idx``: input_ids, labels, attention_mask [B, T] on the CPU."""
     return collate(rows(ds, idx))
+
+
+def pad_batch(batch: Dict[str, torch.Tensor], length: int) -> Dict[str, torch.Tensor]:
+    """``batch`` right-padded to ``length`` tokens (padding carries no loss and changes no real token)."""
+    extra = length - batch["input_ids"].shape[1]
+    if extra <= 0:
+        return batch
+    fill = {"input_ids": 0, "labels": IGNORE, "attention_mask": 0}
+    return {k: torch.nn.functional.pad(v, (0, extra), value=fill[k]) for k, v in batch.items()}
+
+
+def same_length(acc, batches: List[Dict[str, torch.Tensor]]) -> List[Dict[str, torch.Tensor]]:
+    """``batches`` padded so that batch ``j`` is as long on every process (one all-reduce): under FSDP2 or
+    DeepSpeed each forward is a collective, and the number of chunks (and loss chunks) follows the length."""
+    import torch.distributed as dist
+    lengths = torch.tensor([b["input_ids"].shape[1] for b in batches], device=acc.device)
+    dist.all_reduce(lengths, op=dist.ReduceOp.MAX)
+    return [pad_batch(b, int(n)) for b, n in zip(batches, lengths.tolist())]

@@ -5,6 +5,11 @@ in a full fine-tune), the optimizer, scheduler and RNG states (``accelerator.sav
 ``trainer_state.json`` (step, losses, evals) and a ready-to-use ``adapter/``; it is written to a temporary folder
 and renamed into place. Resuming loads all of that, so the resumed run continues bit for bit as the uninterrupted
 one would have. Writing a checkpoint changes nothing in the run (see :func:`training_state_kept`).
+
+FSDP2 and DeepSpeed save the model and optimizer their own way inside ``save_state`` (FSDP2: every process writes
+its shard with torch.distributed.checkpoint, the frozen base included; DeepSpeed: its engine checkpoint, here
+without the frozen parameters); the hooks below then stand aside. The adapter and the final outputs are written
+from whole weights (:func:`whole_weights`), which every process helps gather.
 """
 from __future__ import annotations
 
@@ -63,10 +68,29 @@ def training_state_kept(model):
             m.training = modes.get(n, m.training)
 
 
+def engine_saves(acc) -> bool:
+    """FSDP / DeepSpeed: ``save_state`` and ``load_state`` handle the model and optimizer themselves."""
+    return acc.distributed_type in ("FSDP", "DEEPSPEED")
+
+
+def whole_weights(acc, model, trainable_only: bool) -> Optional[Dict[str, torch.Tensor]]:
+    """The model's state dict with whole tensors, on the main process (empty elsewhere), where its parameters are
+    sharded: FSDP2, DeepSpeed ZeRO-3 (``accelerator.get_state_dict``; needs
+    ``stage3_gather_16bit_weights_on_model_save``). None where they are whole already. Every process must call it."""
+    if getattr(acc, "is_fsdp2", False):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
+        return get_model_state_dict(model, options=options)
+    if acc.distributed_type == "DEEPSPEED" and acc.state.deepspeed_plugin.zero_stage == 3:
+        return acc.get_state_dict(model)
+    return None
+
+
 def install_state_hooks(acc) -> None:
-    """``accelerator.save_state`` / ``load_state`` write and read only the trainable weights."""
+    """``accelerator.save_state`` / ``load_state`` write and read only the trainable weights (not under FSDP or
+    DeepSpeed, which save the model and optimizer themselves)."""
     def save_hook(models, weights, output_dir):
-        if acc.is_main_process:
+        if acc.is_main_process and not engine_saves(acc):
             from safetensors.torch import save_file
             for i, m in enumerate(models):
                 save_file(trainable_state_dict(acc.unwrap_model(m)),
@@ -95,7 +119,7 @@ def install_state_hooks(acc) -> None:
 def resume(acc, folder: Path, world: int, batch_size: int, say):
     """Load a checkpoint into the prepared objects; returns (step, history)."""
     info = json.loads((folder / STATE_FILE).read_text())
-    acc.load_state(str(folder))
+    acc.load_state(str(folder), **engine_kwargs(acc, "load"))
     if info.get("world_size", world) != world or info.get("batch_size", batch_size) != batch_size:
         say(f"note: the checkpoint was made with {info.get('world_size')} process(es) x batch "
             f"{info.get('batch_size')}; the data order from here differs from the original run")
@@ -117,16 +141,17 @@ def save_checkpoint(acc, model, out: Path, at: int, info: dict, keep: int, save_
     now = rng_snapshot() if rng is not None else None
     if rng is not None:
         rng_restore(rng)
-    acc.save_state(str(tmp))
+    acc.save_state(str(tmp), **engine_kwargs(acc, "save"))
     if now is not None:
         rng_restore(now)
     acc.wait_for_everyone()
+    weights = whole_weights(acc, model, trainable_only=True) if save_adapter is not None else None
     if main:
-        (tmp / STATE_FILE).write_text(json.dumps({"step": at, **info}, indent=1))
         if save_adapter is not None:
             unwrapped = acc.unwrap_model(model)
             with training_state_kept(unwrapped):
-                save_adapter(unwrapped, str(tmp / "adapter"))
+                save_adapter(unwrapped, str(tmp / "adapter"), state_dict=weights)
+        (tmp / STATE_FILE).write_text(json.dumps({"step": at, **info}, indent=1))
         if dst.exists():
             shutil.rmtree(dst)
         os.replace(tmp, dst)
@@ -136,19 +161,32 @@ def save_checkpoint(acc, model, out: Path, at: int, info: dict, keep: int, save_
     return dst
 
 
+def engine_kwargs(acc, what: str) -> dict:
+    """DeepSpeed: checkpoints without the frozen parameters (the base stays where the recipe loads it from)."""
+    if acc.distributed_type != "DEEPSPEED":
+        return {}
+    return {"exclude_frozen_parameters": True} if what == "save" else {"load_module_strict": False}
+
+
 def save_final(acc, model, save_adapter, tokenizer, out: Path, say) -> Optional[Path]:
-    """``<out>/adapter`` (a method run) or ``<out>/model`` (a full fine-tune), with the tokenizer beside it."""
-    from ..convert import atomic_path
+    """``<out>/adapter`` (a method run) or ``<out>/model`` (a full fine-tune), with the tokenizer beside it.
+    Every process calls it (under FSDP2 / DeepSpeed they gather the weights together); the main one writes."""
     acc.wait_for_everyone()
+    unwrapped = acc.unwrap_model(model)
+    weights = whole_weights(acc, model, trainable_only=save_adapter is not None)
+    if save_adapter is not None:
+        return write_final(acc, out / "adapter", lambda d: save_adapter(unwrapped, d, state_dict=weights),
+                           tokenizer, say)
+    return write_final(acc, out / "model", lambda d: base_model(unwrapped).save_pretrained(d, state_dict=weights),
+                       tokenizer, say)
+
+
+def write_final(acc, dst: Path, write, tokenizer, say) -> Optional[Path]:
+    from ..convert import atomic_path
     if not acc.is_main_process:
         return None
-    unwrapped = acc.unwrap_model(model)
-    dst = out / ("adapter" if save_adapter is not None else "model")
     with atomic_path(dst, is_dir=True) as tmp:
-        if save_adapter is not None:
-            save_adapter(unwrapped, str(tmp))
-        else:
-            base_model(unwrapped).save_pretrained(str(tmp))
+        write(str(tmp))
         try:
             tokenizer.save_pretrained(str(tmp))
         except Exception as e:  # noqa: BLE001 - the weights are what matter

@@ -5,8 +5,11 @@ import torch
 
 
 @torch.no_grad()
-def greedy(model, tokenizer, prompt: str, max_new_tokens: int = 48, stop: str = "\n\n") -> str:
-    """The greedy continuation of ``prompt`` until end-of-text, ``stop`` or ``max_new_tokens``."""
+def greedy(model, tokenizer, prompt: str, max_new_tokens: int = 48, stop: str = "\n\n", agree=None) -> str:
+    """The greedy continuation of ``prompt`` until end-of-text, ``stop`` or ``max_new_tokens``.
+
+    ``agree(token) -> token``: several processes generating together (FSDP2, DeepSpeed: every forward is a
+    collective) take the main process's token, so they all stop at the same step."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -15,6 +18,8 @@ def greedy(model, tokenizer, prompt: str, max_new_tokens: int = 48, stop: str = 
     state, new = out.state, []
     for _ in range(max_new_tokens):
         nxt = int(out.logits[0, -1].float().argmax())
+        if agree is not None:
+            nxt = agree(nxt)
         if nxt == 0:
             break
         new.append(nxt)

@@ -35,6 +35,62 @@ def make_accelerator(tc):
         return Accelerator(mixed_precision=tc.mixed_precision, cpu=cpu)
 
 
+def lockstep(acc) -> bool:
+    """FSDP2 and DeepSpeed: every forward and backward is a collective (parameters are gathered, gradients
+    reduced), so every process must run the same number of them, in the same order, with the same shapes."""
+    from accelerate.utils import DistributedType
+    return acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
+def configure_engine(acc, recipe: Recipe) -> None:
+    """Tell FSDP2 / DeepSpeed what the recipe decides (before ``prepare``); refuse what they cannot run here."""
+    from accelerate.utils import DistributedType
+    refuse_unsupported(acc, recipe)
+    if acc.distributed_type == DistributedType.FSDP and acc.mixed_precision in ("bf16", "fp16"):
+        acc.state.fsdp_plugin.mixed_precision_policy = fsdp2_precision(acc.mixed_precision)
+    if acc.distributed_type == DistributedType.DEEPSPEED:
+        fill_deepspeed_config(acc.state.deepspeed_plugin.deepspeed_config, recipe.train)
+
+
+def refuse_unsupported(acc, recipe: Recipe) -> None:
+    """FSDP1; PiSSA / OLoRA with sharded weights (their adapter is converted from the model's own weights)."""
+    from accelerate.utils import DistributedType
+    fsdp = acc.distributed_type == DistributedType.FSDP
+    if fsdp and not getattr(acc, "is_fsdp2", False):
+        raise TrainingSetupError("the accelerate config asks for FSDP1; rwkv-peft trains with FSDP2: set "
+                                 "fsdp_version: 2 (see recipes/accelerate/fsdp2.yaml)")
+    zero3 = acc.distributed_type == DistributedType.DEEPSPEED and acc.state.deepspeed_plugin.zero_stage == 3
+    lora = recipe.method.lora
+    if (fsdp or acc.distributed_type == DistributedType.DEEPSPEED) and recipe.method.kind == "state":
+        raise TrainingSetupError("state tuning alone trains a few hundred thousand parameters: run it with DDP "
+                                 "(accelerate launch --multi_gpu, recipes/accelerate/ddp.yaml), not FSDP or "
+                                 "DeepSpeed")
+    if (fsdp or zero3) and lora.enabled and lora.init in ("pissa", "olora"):
+        raise TrainingSetupError(f"method.lora.init: {lora.init} is not supported with FSDP2 or DeepSpeed ZeRO-3 "
+                                 f"(use DDP or ZeRO-2, or init: gaussian)")
+
+
+def fsdp2_precision(mixed_precision: str):
+    """16-bit weights for the compute, gradients reduced in fp32, inputs and outputs left as they are: the RWKV
+    state carried between chunks and the loss stay fp32 (accelerate's own policy casts them to 16 bits)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+    dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float16
+    return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32, output_dtype=None,
+                                cast_forward_inputs=False)
+
+
+def fill_deepspeed_config(ds: dict, tc) -> None:
+    """The micro-batch and clipping from the recipe; DeepSpeed's own accumulation stays 1 (the loop accumulates
+    ``train.grad_accum`` micro-batches and scales the loss itself)."""
+    if ds.get("gradient_accumulation_steps", "auto") not in ("auto", 1):
+        raise TrainingSetupError("the DeepSpeed config sets gradient_accumulation_steps; use the recipe's "
+                                 "train.grad_accum and leave it at 1 or auto")
+    for key, value in (("train_micro_batch_size_per_gpu", tc.batch_size), ("gradient_accumulation_steps", 1),
+                       ("gradient_clipping", tc.grad_clip or 0.0)):
+        if ds.get(key, "auto") == "auto":
+            ds[key] = value
+
+
 def load_tokenizer(mcfg, log=print):
     """The recipe's tokenizer: ``world``, a tokenizer folder, or the model folder's own."""
     spec = mcfg.tokenizer

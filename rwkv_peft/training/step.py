@@ -8,22 +8,31 @@ backward.
 Several processes: DDP averages the gradients. Only the step's last backward synchronizes; every other forward
 and backward runs under ``no_sync``, and DDP's all-reduce then carries the gradients accumulated before it, in
 chunk mode too. Right padding needs no mask: padding carries no loss, and a pad only changes the state after a
-row's last real token, which nothing reads.
+row's last real token, which nothing reads. FSDP2: ``no_sync`` holds back the reduce-scatter the same way.
+DeepSpeed: only the step's last backward is a gradient-accumulation boundary (where DeepSpeed clips and steps).
+Under both, every forward is a collective, so ``lockstep`` keeps the targets on the device: the loss then calls
+the head on every loss chunk, trained tokens or not, the same number of times on every process (the loop pads
+the batches to a common length, see ``batches.same_length``).
 
 Long-context chunk mode runs each row ``chunk_len`` tokens at a time, carrying the RWKV state from chunk to
 chunk. The gradient flows through the carried state within a window of ``grad_chunks`` chunks; then the
 window's loss is back-propagated, its graph freed and the state detached (truncated back-propagation through
-time). ``grad_chunks: 1`` keeps the memory of one chunk.
+time). ``grad_chunks: 1`` keeps the memory of one chunk. A trained initial state (state tuning) is read before a
+row's first token, so it learns from the row's first window only; every later window adds a zero that reaches
+it, so that each backward (the synchronizing one included) reaches every trained parameter. FSDP2 needs no such
+zero (it reduces the gradients accumulated so far whatever the last backward reached; outside the forward its
+parameters are sharded DTensors that a plain loss cannot touch), and state tuning alone is refused there.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
 from ..data.packing import IGNORE, chunk_spans
 from ..models.common import shift_targets
+from ..tuners.state_tuning import trained_initial_states
 
 Span = Tuple[int, int]
 
@@ -50,14 +59,17 @@ def trained_tokens(batch) -> int:
 
 
 def micro_batch_loss(acc, model, batch, denom: float, lc, chunked: bool, sync: bool,
-                     loss_chunk_size: int = 1024) -> torch.Tensor:
+                     loss_chunk_size: Optional[int] = None, lockstep: bool = False) -> torch.Tensor:
     """Forward and backward of one micro-batch (loss / ``denom``); returns its summed token loss, detached.
 
     ``sync``: this micro-batch ends the step, so its last backward all-reduces the gradients.
     """
     ids = batch["input_ids"].to(acc.device, non_blocking=True)              # [B, T]
-    targets = shift_targets(batch["labels"])                                # [B, T] on the CPU
+    targets = shift_targets(batch["labels"])                                # [B, T] on the CPU (or the device)
+    if lockstep:
+        targets = targets.to(acc.device, non_blocking=True)
     wins = windows(ids.shape[1], lc.chunk_len, lc.grad_chunks, chunked)
+    starts = trained_initial_states(model) if len(wins) > 1 and not lockstep else []  # FSDP2: see the doc
     total, state = None, None
     for w, window in enumerate(wins):
         last_window = sync and w == len(wins) - 1
@@ -70,23 +82,31 @@ def micro_batch_loss(acc, model, batch, denom: float, lc, chunked: bool, sync: b
             loss = out.loss if loss is None else loss + out.loss
             state = out.state if chunked else None
         with _sync_if(acc, model, last_window):
-            acc.backward(loss / denom)
+            acc.backward(loss / denom if w == 0 or not starts else loss / denom + untouched(starts))
         total = loss.detach() if total is None else total + loss.detach()
         if state is not None:
             state = [tuple(t.detach() for t in layer) for layer in state]
     return total
 
 
+def untouched(params) -> torch.Tensor:
+    """A zero that reaches ``params`` (their gradient is unchanged; DDP sees them take part)."""
+    return sum(p.sum() for p in params) * 0.0
+
+
 def _sync_if(acc, model, sync: bool):
+    if acc.distributed_type == "DEEPSPEED":
+        acc.sync_gradients = sync  # a gradient-accumulation boundary: where DeepSpeed clips and steps
     return contextlib.nullcontext() if sync else acc.no_sync(model)
 
 
-def forward_backward(acc, model, batches: Sequence[dict], lc, chunked: bool, loss_chunk_size: int = 1024):
+def forward_backward(acc, model, batches: Sequence[dict], lc, chunked: bool, loss_chunk_size: Optional[int] = None,
+                     lockstep: bool = False):
     """All micro-batches of one step. Returns (summed token loss per micro-batch [n] on the device, tokens)."""
     tokens = sum(trained_tokens(b) for b in batches)
     denom = float(max(tokens, 1))
     losses = [micro_batch_loss(acc, model, b, denom, lc, chunked, sync=j == len(batches) - 1,
-                               loss_chunk_size=loss_chunk_size) for j, b in enumerate(batches)]
+                               loss_chunk_size=loss_chunk_size, lockstep=lockstep) for j, b in enumerate(batches)]
     return torch.stack(losses), tokens
 
 

@@ -88,6 +88,12 @@ def model_sizes(model: nn.Module) -> dict:
             "head_size": cfg.head_size, "hidden_size": cfg.hidden_size}
 
 
+def trained_initial_states(model: nn.Module) -> List[nn.Parameter]:
+    """The initial-state parameters being trained (empty without state tuning; any model, wrapped or not)."""
+    return [m.time_state for m in model.modules()
+            if isinstance(getattr(m, "time_state", None), nn.Parameter) and m.time_state.requires_grad]
+
+
 def has_initial_state(model: nn.Module) -> bool:
     return all(getattr(m, "time_state", None) is not None for m in time_mixes(model))
 

@@ -117,6 +117,10 @@ METHODS_ON_TWO_PROCESSES = {
     "state": ["method.state_tuning.enabled=true"],
     "lora-chunked": ["method.lora.enabled=true", "method.lora.targets=all", "data.long_context.mode=chunk",
                      "data.long_context.chunk_len=16", "data.long_context.grad_chunks=2", "train.grad_accum=2"],
+    # the initial state is read by a row's first window only; the step's last backward (the one DDP syncs)
+    # comes from a later window
+    "state-chunked": ["method.state_tuning.enabled=true", "data.long_context.mode=chunk",
+                      "data.long_context.chunk_len=8", "data.long_context.grad_chunks=1"],
 }
 
 
