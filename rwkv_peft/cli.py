@@ -15,6 +15,8 @@ import importlib
 import sys
 from typing import List, Optional
 
+from .errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, RWKVPeftError  # noqa: F401 (the codes)
+
 # name -> module; kept in the order ``--help`` lists them
 COMMANDS = {
     "train": "rwkv_peft.commands.train",
@@ -29,8 +31,6 @@ COMMANDS = {
     "bench": "rwkv_peft.commands.bench",
     "doctor": "rwkv_peft.commands.doctor",
 }
-
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 def _available():
@@ -59,10 +59,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return EXIT_BAD_INPUT
-    from .commands._common import UsageError
     try:
         return int(args._run(args) or 0)
-    except UsageError as e:  # a bad argument: the message names it, the value and what is expected
+    except RWKVPeftError as e:  # the message names the file, key or value and what is expected
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:

@@ -17,14 +17,9 @@ from typing import Dict, Optional, Tuple
 import torch
 from safetensors.torch import load_file, save_file
 
-from .models.rwkv5 import convert_rwkv5
-from .models.rwkv5.configuration_rwkv5 import RWKV5Config
-from .models.rwkv6 import convert_rwkv6
-from .models.rwkv6.configuration_rwkv6 import RWKV6Config
+from . import versions
 from .models.rwkv7.configuration_rwkv7 import RWKV7Config
-from .models.rwkv7.convert_rwkv7 import (
-    CheckpointError, blinkdl_to_hf, detect_version, fla_to_hf, hf_to_blinkdl,
-)
+from .models.rwkv7.convert_rwkv7 import CheckpointError, detect_version, fla_to_hf
 
 StateDict = Dict[str, torch.Tensor]
 WEIGHTS_NAME = "model.safetensors"
@@ -121,60 +116,37 @@ def load_any(src: os.PathLike) -> Tuple[RWKV7Config, StateDict, str]:
     if src.is_dir():
         raw = read_folder_config(src)
         sd = load_folder_state_dict(src)
-        if raw.get("model_type") == RWKV6Config.model_type:
-            config = RWKV6Config.from_dict({k: v for k, v in raw.items() if k not in ("architectures", "auto_map")})
-            return config, sd, "hf"
-        if raw.get("model_type") == RWKV5Config.model_type:
-            config = RWKV5Config.from_dict({k: v for k, v in raw.items() if k not in ("architectures", "auto_map")})
-            return config, sd, "hf"
-        if raw.get("model_type") == RWKV7Config.model_type:
-            config = RWKV7Config.from_dict({k: v for k, v in raw.items() if k not in ("architectures", "auto_map")})
+        version = versions.by_model_type(raw.get("model_type"))
+        if version is not None:
+            config = version.config_class.from_dict({k: v for k, v in raw.items()
+                                                     if k not in ("architectures", "auto_map")})
             return config, sd, "hf"
         from .models.rwkv7.convert_rwkv7 import is_fla_state_dict
         if is_fla_state_dict(sd):
             config, hf = fla_to_hf(sd, raw, where=str(src))
             return config, hf, "fla"
-        raise CheckpointError(f"{src}/config.json: model_type {raw.get('model_type')!r} is not an RWKV-7 "
-                              f"checkpoint this package reads ({RWKV7Config.model_type!r} or fla's 'rwkv7')")
+        ours = ", ".join(repr(v.model_type) for v in versions.VERSIONS)
+        raise CheckpointError(f"{src}/config.json: model_type {raw.get('model_type')!r} is not an RWKV "
+                              f"checkpoint this package reads ({ours}, or fla's 'rwkv7')")
     sd = load_pth(src)
     try:
         version = detect_version(sd)
     except CheckpointError as e:
         raise CheckpointError(f"{src}: {e}") from None
-    if version == "6":
-        config, hf = convert_rwkv6.blinkdl_to_hf(sd, where=str(src))
-        return config, hf, "pth"
-    if version == "5.2":
-        config, hf = convert_rwkv5.blinkdl_to_hf(sd, where=str(src))
-        return config, hf, "pth"
-    if version != "7":
-        raise CheckpointError(f"{src}: RWKV-{version} checkpoint; only RWKV-5.2, RWKV-6 and RWKV-7 are supported "
-                              f"so far")
-    config, hf = blinkdl_to_hf(sd, where=str(src))
+    config, hf = versions.by_blinkdl(version, where=str(src)).blinkdl_to_hf(sd, where=str(src))
     return config, hf, "pth"
 
 
 # ---- writing ------------------------------------------------------------------------------------------------
 
 def causal_lm_class(config):
-    """The model class of a config ``load_any`` returned (RWKV5/6/7ForCausalLM)."""
-    if isinstance(config, RWKV5Config):
-        from .models.rwkv5 import RWKV5ForCausalLM
-        return RWKV5ForCausalLM
-    if isinstance(config, RWKV6Config):
-        from .models.rwkv6 import RWKV6ForCausalLM
-        return RWKV6ForCausalLM
-    from .models.rwkv7 import RWKV7ForCausalLM
-    return RWKV7ForCausalLM
+    """The ``...ForCausalLM`` class of a config ``load_any`` returned."""
+    return versions.of(config).causal_lm_class
 
 
 def to_blinkdl(sd: StateDict, config) -> StateDict:
     """Our state dict -> BlinkDL keys, for any version."""
-    if isinstance(config, RWKV5Config):
-        return convert_rwkv5.hf_to_blinkdl(sd, config)
-    if isinstance(config, RWKV6Config):
-        return convert_rwkv6.hf_to_blinkdl(sd, config)
-    return hf_to_blinkdl(sd, config)
+    return versions.of(config).hf_to_blinkdl(sd, config)
 
 
 def save_hf_folder(config: RWKV7Config, sd: StateDict, dst: os.PathLike, tokenizer: Optional[bool] = None) -> None:

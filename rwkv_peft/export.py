@@ -13,12 +13,13 @@ import os
 from pathlib import Path
 from typing import Optional, Union
 
+from .errors import RWKVPeftError
 from .tuners.state_tuning import (
     STATE_FILE, export_state_pth, load_state_any, read_state_file, save_state_file, sizes_of_states,
 )
 
 
-class ExportError(ValueError):
+class ExportError(RWKVPeftError, ValueError):
     """An export that cannot be done as asked."""
 
 

@@ -28,6 +28,7 @@ from typing import List, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from .errors import RWKVPeftError
 from .methods.adapter_io import AdapterMismatchError, check_adapter_fits, read_manifest, save_adapter
 from .tuners.state_tuning import STATE_FILE, combine_states, load_state_any, set_states, unwrap
 
@@ -39,7 +40,7 @@ NEEDS_DENSITY = ("ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_sv
                  "magnitude_prune", "magnitude_prune_svd")
 
 
-class MergeError(ValueError):
+class MergeError(RWKVPeftError, ValueError):
     """A merge that cannot be done as asked (the message says why and what to do)."""
 
 

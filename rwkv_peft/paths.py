@@ -24,6 +24,7 @@ import os
 from pathlib import Path
 from typing import Optional, Tuple, Union
 
+from .errors import RWKVPeftError
 from .recipe import ASSETS_DIR, ASSETS_PREFIX, resolve_path
 
 __all__ = ["resolve_path", "portable_path", "adapter_base", "BaseNotFoundError", "ASSETS_PREFIX"]
@@ -31,7 +32,7 @@ __all__ = ["resolve_path", "portable_path", "adapter_base", "BaseNotFoundError",
 PathLike = Union[str, os.PathLike]
 
 
-class BaseNotFoundError(FileNotFoundError):
+class BaseNotFoundError(RWKVPeftError, FileNotFoundError):
     """An adapter whose base model cannot be found (none recorded, or the recorded one is not here)."""
 
 

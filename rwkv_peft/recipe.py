@@ -23,6 +23,8 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator,
                       model_validator)
 
+from .errors import RWKVPeftError
+
 ASSETS_PREFIX = "assets:"
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 
@@ -302,7 +304,7 @@ class Recipe(Section):
 
 # ---- loading, overrides and error reporting -------------------------------------------------------------------
 
-class RecipeError(ValueError):
+class RecipeError(RWKVPeftError, ValueError):
     """A recipe that cannot be used; ``problems`` holds one human-readable line per problem."""
 
     def __init__(self, problems: Sequence[str]):

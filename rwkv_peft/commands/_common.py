@@ -14,13 +14,15 @@ import shlex
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
+from ..errors import RWKVPeftError
+
 MODEL_HELP = ("the base model: a BlinkDL .pth, a Hugging Face model folder, or assets:NAME (the models that ship "
               "with rwkv-peft, e.g. assets:quickstart/model)")
 MODEL_OPTIONAL_HELP = MODEL_HELP + "; default with --adapter: the base recorded in the adapter"
 FOLDER = ""  # the "suffix" of a folder output in check_output's table
 
 
-class UsageError(Exception):
+class UsageError(RWKVPeftError):
     """A bad argument (a path that is not there, an output the command cannot write, ...): exit code 2."""
 
     exit_code = 2

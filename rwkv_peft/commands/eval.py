@@ -25,11 +25,9 @@ def run(args) -> int:
     import torch
 
     from .. import methods
-    from ..data import DataError, build_datasets
-    from ..methods.adapter_io import AdapterMismatchError
-    from ..models.rwkv7.convert_rwkv7 import CheckpointError
+    from ..data import build_datasets
     from ..recipe import RecipeError, load_recipe, resolve_path
-    from ..training.loop import TrainingSetupError, evaluate_rows, load_tokenizer
+    from ..training.loop import evaluate_rows, load_tokenizer
     from ._common import is_adapter_dir, resolve_adapter, resolve_input, shown
 
     def fail(msg):
@@ -74,8 +72,6 @@ def run(args) -> int:
                                          device=device, max_batches=recipe.eval.max_batches)
     except RecipeError as e:
         return fail(f"{args.recipe} is not a valid recipe:\n  " + "\n  ".join(e.problems))
-    except (DataError, CheckpointError, TrainingSetupError, AdapterMismatchError) as e:
-        return fail(str(e))
     loss = float(loss_sum / tokens.clamp_min(1))
     result = {"model": what, "loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": int(tokens),
               "rows": len(rows)}

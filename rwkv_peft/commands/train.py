@@ -15,10 +15,8 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    from ..data import DataError
-    from ..models.rwkv7.convert_rwkv7 import CheckpointError
     from ..recipe import RecipeError, check_paths, load_recipe
-    from ..training import TrainingError, TrainingInterrupted, TrainingSetupError, train
+    from ..training import TrainingInterrupted, train
 
     def fail(code, msg):
         print(f"error: {msg}", file=sys.stderr)
@@ -38,10 +36,6 @@ def run(args) -> int:
     except TrainingInterrupted as e:
         print(f"interrupted; checkpoint: {e.checkpoint}" if e.checkpoint else "interrupted", file=sys.stderr)
         return 130
-    except (RecipeError, DataError, CheckpointError, TrainingSetupError) as e:
-        return fail(2, str(e))
-    except TrainingError as e:
-        return fail(1, str(e))
     if result.final_dir is not None:
         print(result.final_dir)
         print(next_steps(recipe, args.recipe, result.final_dir, args.overrides), file=sys.stderr)

@@ -6,8 +6,10 @@ into ``(train, eval)`` sequences of rows ``{"input_ids": [...], "labels": [...]}
 where no loss is taken; the model predicts ``labels[t + 1]`` from position ``t``).
 """
 
+from ..errors import RWKVPeftError
 
-class DataError(ValueError):
+
+class DataError(RWKVPeftError, ValueError):
     """A dataset that cannot be used as the recipe says: the message names the file, row and field."""
 
 

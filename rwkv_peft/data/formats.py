@@ -24,6 +24,7 @@ import json
 import re
 from typing import Any, Dict, List, Optional, Tuple
 
+from ..errors import RWKVPeftError
 from . import DataError
 from .packing import IGNORE
 
@@ -36,7 +37,7 @@ ROLE_ALIASES = {
 }
 
 
-class RowError(ValueError):
+class RowError(RWKVPeftError, ValueError):
     """What is wrong with one row (the caller adds the row number)."""
 
 

@@ -23,21 +23,24 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .. import versions
+from ..errors import RWKVPeftError
+
 MANIFEST = "rwkv_peft_adapter.json"
 FORMAT_VERSION = 1
 SIZE_KEYS = ("architecture", "vocab_size", "hidden_size", "num_hidden_layers", "num_heads", "head_size",
              "intermediate_size", "decay_low_rank", "a_low_rank", "v_low_rank", "gate_low_rank", "mix_low_rank")
-ARCHITECTURES = {"rwkv7_peft": "rwkv7", "rwkv6_peft": "rwkv6", "rwkv5_peft": "rwkv5"}  # model_type -> manifest
 
 
-class AdapterMismatchError(ValueError):
+class AdapterMismatchError(RWKVPeftError, ValueError):
     """An adapter that does not fit a base; the message names the dimension and both values."""
 
 
 def base_sizes(model: nn.Module) -> dict:
     from ..tuners.state_tuning import unwrap
     cfg = unwrap(model).config
-    sizes = {"architecture": ARCHITECTURES.get(cfg.model_type, cfg.model_type)}
+    version = versions.by_model_type(cfg.model_type)
+    sizes = {"architecture": version.name if version is not None else cfg.model_type}
     for k in SIZE_KEYS[1:]:  # the sizes this version has (RWKV-6 has mix/decay low ranks, RWKV-7 four others)
         if getattr(cfg, k, None) is not None:
             sizes[k] = getattr(cfg, k)

@@ -123,9 +123,7 @@ def load_base_model(path: Union[str, os.PathLike], dtype: Union[str, torch.dtype
     from transformers import AutoModelForCausalLM
 
     from .. import convert as conv
-    from ..models.rwkv5.configuration_rwkv5 import RWKV5Config
-    from ..models.rwkv6.configuration_rwkv6 import RWKV6Config
-    from ..models.rwkv7.configuration_rwkv7 import RWKV7Config
+    from .. import versions
 
     path = Path(path)
     if not path.exists():
@@ -137,9 +135,7 @@ def load_base_model(path: Union[str, os.PathLike], dtype: Union[str, torch.dtype
     qconf = bnb_config(quantization, dt, double_quant)
     device_map = device_map if device_map is not None else _default_device_map(quantization)
 
-    is_ours = path.is_dir() and conv.read_folder_config(path).get("model_type") in (RWKV7Config.model_type,
-                                                                                     RWKV6Config.model_type,
-                                                                                     RWKV5Config.model_type)
+    is_ours = path.is_dir() and versions.by_model_type(conv.read_folder_config(path).get("model_type")) is not None
     if is_ours:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, quantization_config=qconf,
                                                      device_map=device_map)

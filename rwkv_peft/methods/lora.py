@@ -1,5 +1,6 @@
-"""LoRA and its variants on RWKV-7 through ``peft`` (never re-implemented here): target presets, DoRA,
-rsLoRA, PiSSA / OLoRA / Gaussian init, ``modules_to_save``; PiSSA on a quantized base.
+"""LoRA and its variants on every RWKV version through ``peft`` (never re-implemented here): target presets
+(per version, in ``rwkv_peft.versions``), DoRA, rsLoRA, PiSSA / OLoRA / Gaussian init, ``modules_to_save``;
+PiSSA on a quantized base.
 
 Module names of one RWKV-7 block (``model.blocks.N.``)::
 
@@ -17,78 +18,43 @@ from typing import Iterable, List, Optional, Sequence, Union
 
 from torch import nn
 
-ATTENTION = ["att.receptance", "att.key", "att.value", "att.output"]
-FFN = ["ffn.key", "ffn.value"]
-LOW_RANK = [f"att.{x}_lora.{p}" for x in "wavg" for p in ("down", "up")]
-TARGET_PRESETS = {
-    "default": ATTENTION + FFN,
-    "attention": ATTENTION,
-    "ffn": FFN,
-    "all": ATTENTION + FFN + LOW_RANK,
-}
-# RWKV-6 also has a time-mix gate and a channel-mix receptance; its small maps are maa_lora.down and decay_lora
-ATTENTION_V6 = ATTENTION + ["att.gate"]
-FFN_V6 = FFN + ["ffn.receptance"]
-TARGET_PRESETS_V6 = {
-    "default": ATTENTION_V6 + FFN_V6,
-    "attention": ATTENTION_V6,
-    "ffn": FFN_V6,
-    "all": ATTENTION_V6 + FFN_V6 + ["att.maa_lora.down", "att.decay_lora.down", "att.decay_lora.up"],
-}
+from .. import versions
+from ..versions import Version
 
-# RWKV-5.2 has the same projections as RWKV-6 and no low-rank maps: "all" is the default set
-TARGET_PRESETS_V5 = {
-    "default": ATTENTION_V6 + FFN_V6,
-    "attention": ATTENTION_V6,
-    "ffn": FFN_V6,
-    "all": ATTENTION_V6 + FFN_V6,
-}
-
-# modules no adapter goes on: RWKV-7's layer 0 takes its value residual from itself, so its v_lora never reaches
-# the loss (an adapter there would never train, and its missing gradient stalls DDP's all-reduce)
-NEVER_TARGETED = ["blocks.0.att.v_lora.down", "blocks.0.att.v_lora.up"]
-NEVER_TARGETED_V6: List[str] = []
-NEVER_TARGETED_V5: List[str] = []
-_PRESETS_BY_MODEL_TYPE = {"rwkv6_peft": TARGET_PRESETS_V6, "rwkv5_peft": TARGET_PRESETS_V5}
-
-
-def presets_for(model: Optional[nn.Module]) -> dict:
-    """The target presets of the model's RWKV version (RWKV-7's when unknown)."""
-    config = getattr(model, "config", None)
-    return _PRESETS_BY_MODEL_TYPE.get(getattr(config, "model_type", None), TARGET_PRESETS)
+TARGET_PRESETS = versions.DEFAULT.lora_presets  # RWKV-7's; every version's: ``rwkv_peft.versions``
 VARIANTS = ("lora", "dora", "rslora")
 INITS = (None, "pissa", "olora", "gaussian")
 # inits that move part of the base weight into the adapter: the adapter alone is not a delta on the base
 MUTATING_INITS = ("pissa", "olora")
 
 
-def resolve_targets(targets: Union[str, Sequence[str]], presets: Optional[dict] = None) -> List[str]:
+def resolve_targets(targets: Union[str, Sequence[str]], version: Version = versions.DEFAULT) -> List[str]:
     """A preset name ("default", "attention", "ffn", "all") or an explicit list of module names/suffixes."""
-    presets = presets or TARGET_PRESETS
+    presets = version.lora_presets
     if isinstance(targets, str):
         if targets in presets:
             return list(presets[targets])
         if "," in targets:
             return [t.strip() for t in targets.split(",") if t.strip()]
-        raise ValueError(f"targets {targets!r}: expected a preset ({', '.join(TARGET_PRESETS)}) or a list of "
-                         f"module names such as {ATTENTION + FFN}")
+        raise ValueError(f"targets {targets!r}: expected a preset ({', '.join(presets)}) or a list of "
+                         f"module names such as {presets['default']}")
     out = [str(t) for t in targets]
     if not out:
         raise ValueError("targets: empty list")
     return out
 
 
-def _check_targets_exist(model: nn.Module, targets: Iterable[str]) -> None:
+def _check_targets_exist(model: nn.Module, targets: Iterable[str], version: Version) -> None:
     names = [n for n, _ in model.named_modules()]
     for t in targets:
         if not any(n == t or n.endswith("." + t) for n in names):
-            raise ValueError(f"LoRA target {t!r} matches no module of the model; RWKV-7 modules are e.g. "
-                             f"{ATTENTION + FFN + LOW_RANK[:2]} (presets: {', '.join(TARGET_PRESETS)})")
+            raise ValueError(f"LoRA target {t!r} matches no module of the model; {version.title} modules are e.g. "
+                             f"{version.lora_presets['all'][:8]} (presets: {', '.join(version.lora_presets)})")
 
 
 def lora_config(r: int = 16, alpha: float = 32, dropout: float = 0.0, targets="default", variant: str = "lora",
                 modules_to_save: Optional[Sequence[str]] = None, init: Optional[str] = None,
-                presets: Optional[dict] = None):
+                version: Version = versions.DEFAULT):
     from peft import LoraConfig
     if variant not in VARIANTS:
         raise ValueError(f"variant {variant!r}: expected one of {VARIANTS}")
@@ -96,11 +62,9 @@ def lora_config(r: int = 16, alpha: float = 32, dropout: float = 0.0, targets="d
         raise ValueError(f"init {init!r}: expected one of {INITS}")
     if r < 1:
         raise ValueError(f"r={r}: the LoRA rank must be >= 1")
-    never = (NEVER_TARGETED_V6 if presets is TARGET_PRESETS_V6 else NEVER_TARGETED_V5 if presets is TARGET_PRESETS_V5
-             else NEVER_TARGETED)
     return LoraConfig(
-        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=resolve_targets(targets, presets), bias="none",
-        exclude_modules=list(never) or None,
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=resolve_targets(targets, version), bias="none",
+        exclude_modules=list(version.never_targeted) or None,
         use_dora=variant == "dora", use_rslora=variant == "rslora",
         init_lora_weights=True if init is None else init,
         modules_to_save=list(modules_to_save) if modules_to_save else None, task_type="CAUSAL_LM",
@@ -119,8 +83,9 @@ def apply_lora(model: nn.Module, r: int = 16, alpha: float = 32, dropout: float 
     from ..tuners.state_tuning import mark_states_trainable, state_tuning_config
     from .loading import is_quantized
 
-    cfg = lora_config(r, alpha, dropout, targets, variant, modules_to_save, init, presets_for(model))
-    _check_targets_exist(model, cfg.target_modules)
+    version = versions.of(model)
+    cfg = lora_config(r, alpha, dropout, targets, variant, modules_to_save, init, version)
+    _check_targets_exist(model, cfg.target_modules, version)
     if init in MUTATING_INITS and is_quantized(model):
         peft_model = _init_on_full_precision(model, cfg)
     else:

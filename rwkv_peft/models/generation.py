@@ -23,6 +23,8 @@ from typing import List, Optional, Tuple
 import torch
 from transformers import GenerationMixin
 
+from ..errors import EXIT_FAILED, RWKVPeftError
+
 logger = logging.getLogger(__name__)
 
 LayerState = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -32,8 +34,9 @@ _UPSTREAM_CACHE_NAMES = ("past_key_values", "cache", "cache_params", "state", "m
 _PASS_THROUGH = ("logits_to_keep", "output_hidden_states")
 
 
-class GenerationHookError(RuntimeError):
+class GenerationHookError(RWKVPeftError, RuntimeError):
     """transformers' generate() no longer calls the hook that hands the RNN state from one step to the next."""
+    exit_code = EXIT_FAILED
 
 
 @dataclass

@@ -26,12 +26,15 @@ import time
 from pathlib import Path
 from typing import Dict, Optional, Sequence
 
+from ..errors import EXIT_FAILED, RWKVPeftError
+
 CACHE_ENV = "RWKV_PEFT_KERNEL_CACHE"
 LOCK_TIMEOUT_ENV = "RWKV_PEFT_KERNEL_LOCK_TIMEOUT"   # seconds to wait for another process's build (default 1800)
 BUILD_FORMAT = "1"   # bump to invalidate every cached build
 
 
-class KernelBuildError(RuntimeError):
+class KernelBuildError(RWKVPeftError, RuntimeError):
+    exit_code = EXIT_FAILED
     """The kernel could not be compiled or loaded; ``log_path`` holds the full compiler output."""
 
     def __init__(self, message: str, log_path: Optional[Path] = None):

@@ -9,13 +9,14 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
+from ..errors import RWKVPeftError
 from ..recipe import Recipe, resolve_path
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
 
 
-class TrainingSetupError(ValueError):
+class TrainingSetupError(RWKVPeftError, ValueError):
     """The run cannot start as configured (bad input: exit code 2)."""
 
 

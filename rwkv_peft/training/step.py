@@ -26,10 +26,12 @@ parameters are sharded DTensors that a plain loss cannot touch), and state tunin
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from ..errors import EXIT_FAILED, RWKVPeftError
 from ..data.packing import IGNORE, chunk_spans
 from ..models.common import shift_targets
 from ..tuners.state_tuning import trained_initial_states
@@ -37,8 +39,9 @@ from ..tuners.state_tuning import trained_initial_states
 Span = Tuple[int, int]
 
 
-class TrainingError(RuntimeError):
+class TrainingError(RWKVPeftError, RuntimeError):
     """The run started and failed (exit code 1)."""
+    exit_code = EXIT_FAILED
 
 
 class TrainingDiverged(TrainingError):
@@ -113,6 +116,6 @@ def forward_backward(acc, model, batches: Sequence[dict], lc, chunked: bool, los
 def check_finite(losses: List[float], step: int, where) -> None:
     """Stop at a non-finite micro-batch loss; ``where(j)`` describes micro-batch ``j`` (epoch, batch, rows)."""
     for j, value in enumerate(losses):
-        if not torch.isfinite(torch.tensor(value)):
+        if not math.isfinite(value):
             raise TrainingDiverged(f"the loss is {value} at step {step}, {where(j)}: the run stops (lower "
                                    f"train.lr, check the data, or resume from the last checkpoint)")

@@ -32,6 +32,8 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from ..errors import RWKVPeftError
+
 STATE_FILE = "state_adapter.safetensors"
 STATE_LAYOUT = "[H, N(value), N(key)]"
 ARCHITECTURE = "rwkv7"
@@ -39,7 +41,7 @@ STATE_KEY = "blocks.{}.att.time_state"
 _STATE_KEY_RE = re.compile(r"blocks\.(\d+)\.att\.time_state")
 
 
-class StateMismatchError(ValueError):
+class StateMismatchError(RWKVPeftError, ValueError):
     """A state that does not fit a model; the message names the dimension and both values."""
 
 
@@ -75,10 +77,17 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def time_mixes(model: nn.Module) -> List[nn.Module]:
-    from ..models.rwkv7.modeling_rwkv7 import RWKV7TimeMix
-    mixes = [m for m in unwrap(model).modules() if isinstance(m, RWKV7TimeMix)]
+    """The model's time-mix layers, by layer; refuses a version whose state tuning is not wired in."""
+    from .. import versions
+    base = unwrap(model)
+    version = versions.of(base)
+    wired = [v.title for v in versions.VERSIONS if v.state_tuning]
+    if not version.state_tuning:
+        raise StateMismatchError(f"state tuning is wired in for {', '.join(wired)} so far; this is a "
+                                 f"{version.title} model (use LoRA, or a model of those versions)")
+    mixes = [m for m in base.modules() if isinstance(m, version.time_mix_class)]
     if not mixes:
-        raise TypeError(f"{type(model).__name__} has no RWKV-7 time-mix layers; state tuning needs an RWKV-7 model")
+        raise StateMismatchError(f"{type(base).__name__} has no {version.title} time-mix layers")
     return sorted(mixes, key=lambda m: m.layer_idx)
 
 

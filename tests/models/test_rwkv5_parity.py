@@ -300,7 +300,7 @@ def test_convert_refuses_rwkv5_1(tmp_path):
     sd = make_blinkdl_v5(61, 128, 1)
     sd = {k: (v.reshape(2, 64)[:, 0].clone() if k.endswith("time_decay") else v) for k, v in sd.items()}
     torch.save(sd, tmp_path / "v51.pth")
-    with pytest.raises(CheckpointError, match=r"v51\.pth: RWKV-5\.1 checkpoint; only RWKV-5\.2, RWKV-6 and RWKV-7"):
+    with pytest.raises(CheckpointError, match=r"v51\.pth: RWKV-5\.1 checkpoint; supported: RWKV-7, RWKV-6, RWKV-5\.2"):
         load_any(tmp_path / "v51.pth")
 
 

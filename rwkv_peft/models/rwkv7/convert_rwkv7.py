@@ -25,13 +25,10 @@ from typing import Dict, Tuple
 
 import torch
 
+from ...errors import CheckpointError  # noqa: F401 (imported from here too)
 from .configuration_rwkv7 import RWKV7Config
 
 StateDict = Dict[str, torch.Tensor]
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read as the model it claims to be; the message names the file and key."""
 
 
 _VEC = ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "w0", "a0", "v0", "k_k", "k_a")

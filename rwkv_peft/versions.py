@@ -1,0 +1,121 @@
+"""Every RWKV generation this package reads, in one table: what each one is and where its pieces live.
+
+A version is one folder (``rwkv_peft/models/rwkvN/``: configuration, modeling, conversion to and from BlinkDL
+``.pth`` keys) and one :class:`Version` entry in :data:`VERSIONS`. Everything else asks this table: checkpoint
+detection and conversion (``convert.py``), loading (``methods/loading.py``), LoRA presets (``methods/lora.py``),
+adapter manifests (``methods/adapter_io.py``), the Auto-class registration (``__init__.py``) and state tuning.
+
+Module names LoRA can target, per block (``model.blocks.N.``): the time-mix projections ``att.receptance``,
+``att.key``, ``att.value``, ``att.output`` (RWKV-5/6 also ``att.gate``), the channel mix ``ffn.key``,
+``ffn.value`` (RWKV-5/6 also ``ffn.receptance``), and each version's small low-rank maps.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+from .errors import CheckpointError
+
+_ATTENTION = ("att.receptance", "att.key", "att.value", "att.output")
+_FFN = ("ffn.key", "ffn.value")
+
+
+def _presets(attention, ffn, low_rank=()) -> Dict[str, List[str]]:
+    return {"default": [*attention, *ffn], "attention": list(attention), "ffn": list(ffn),
+            "all": [*attention, *ffn, *low_rank]}
+
+
+@dataclass(frozen=True)
+class Version:
+    """One RWKV generation. ``package`` holds ``configuration_<name>``, ``modeling_<name>`` (``<Prefix>Config``,
+    ``<Prefix>Model``, ``<Prefix>ForCausalLM``) and ``convert_<name>`` (``blinkdl_to_hf(sd, where)``,
+    ``hf_to_blinkdl(sd, config)``)."""
+    name: str                      # our name, in adapter manifests: "rwkv7"
+    title: str                     # what users read: "RWKV-7"
+    blinkdl: str                   # what ``detect_blinkdl_version`` says of its .pth: "7", "6", "5.2"
+    prefix: str                    # class name prefix: "RWKV7"
+    lora_presets: Dict[str, List[str]]
+    # modules no adapter goes on: RWKV-7's layer 0 takes its value residual from itself, so its v_lora never
+    # reaches the loss (an adapter there would never train, and its missing gradient stalls DDP's all-reduce)
+    never_targeted: Tuple[str, ...] = ()
+    state_tuning: bool = False     # whether the learned initial WKV state (state tuning) is wired in
+    notes: str = ""
+    _cache: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def model_type(self) -> str:
+        return f"{self.name}_peft"
+
+    @property
+    def package(self) -> str:
+        return f"rwkv_peft.models.{self.name}"
+
+    def _get(self, module: str, attr: str):
+        key = (module, attr)
+        if key not in self._cache:
+            self._cache[key] = getattr(importlib.import_module(f"{self.package}.{module}_{self.name}"), attr)
+        return self._cache[key]
+
+    @property
+    def config_class(self):
+        return self._get("configuration", f"{self.prefix}Config")
+
+    @property
+    def model_class(self):
+        return self._get("modeling", f"{self.prefix}Model")
+
+    @property
+    def causal_lm_class(self):
+        return self._get("modeling", f"{self.prefix}ForCausalLM")
+
+    @property
+    def time_mix_class(self):
+        return self._get("modeling", f"{self.prefix}TimeMix")
+
+    def blinkdl_to_hf(self, sd, where: str):
+        """(config, our state dict) of a BlinkDL state dict of this version."""
+        return self._get("convert", "blinkdl_to_hf")(sd, where=where)
+
+    def hf_to_blinkdl(self, sd, config):
+        return self._get("convert", "hf_to_blinkdl")(sd, config)
+
+
+VERSIONS: Tuple[Version, ...] = (
+    Version("rwkv7", "RWKV-7", "7", "RWKV7",
+            _presets(_ATTENTION, _FFN, [f"att.{x}_lora.{p}" for x in "wavg" for p in ("down", "up")]),
+            never_targeted=("blocks.0.att.v_lora.down", "blocks.0.att.v_lora.up"), state_tuning=True),
+    Version("rwkv6", "RWKV-6", "6", "RWKV6",
+            _presets((*_ATTENTION, "att.gate"), (*_FFN, "ffn.receptance"),
+                     ("att.maa_lora.down", "att.decay_lora.down", "att.decay_lora.up"))),
+    Version("rwkv5", "RWKV-5.2", "5.2", "RWKV5",  # no low-rank maps: "all" is the default set
+            _presets((*_ATTENTION, "att.gate"), (*_FFN, "ffn.receptance"))),
+)
+DEFAULT = VERSIONS[0]
+
+
+class UnsupportedVersionError(CheckpointError):
+    """A checkpoint or model of an RWKV generation this package does not read (yet)."""
+
+
+def supported() -> str:
+    return ", ".join(v.title for v in VERSIONS)
+
+
+def by_model_type(model_type: Optional[str]) -> Optional[Version]:
+    """The version whose HF ``model_type`` (``config.json``) this is; None for any other."""
+    return next((v for v in VERSIONS if v.model_type == model_type), None)
+
+
+def by_blinkdl(version: str, where: str = "checkpoint") -> Version:
+    """The version of a BlinkDL ``.pth`` that ``detect_blinkdl_version`` called ``version``."""
+    found = next((v for v in VERSIONS if v.blinkdl == version), None)
+    if found is None:
+        raise UnsupportedVersionError(f"{where}: RWKV-{version} checkpoint; supported: {supported()}")
+    return found
+
+
+def of(model_or_config) -> Version:
+    """The version of a model (ours, wrapped by peft or not) or of its config; RWKV-7 when it has none."""
+    config = getattr(model_or_config, "config", model_or_config)
+    return by_model_type(getattr(config, "model_type", None)) or DEFAULT
