@@ -240,8 +240,8 @@ def test_stream_decoder_matches_a_whole_decode(which):
 # ---- outputs a command cannot write -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("argv, expected", [
-    (["export", QS, "{tmp}/out.gguf"], "export (a model) does not write .gguf files; it writes a .pth file"),
-    (["export", "{adapter}", "{tmp}/out.gguf"], "export (a state) does not write .gguf files"),
+    (["export", QS, "{tmp}/out.onnx"], "export (a model) does not write .onnx files; it writes a .pth file"),
+    (["export", "{adapter}", "{tmp}/out.onnx"], "export (a state) does not write .onnx files"),
     (["export", "{adapter}", "{tmp}/out"], "does not write folders; it writes a .pth file (runtime state) or a "
                                            ".safetensors file (state adapter) (add --what model"),
     (["export", "{adapter}", "{tmp}/out.bin", "--what", "model"], "does not write .bin files"),

@@ -1,9 +1,11 @@
 """rwkv-peft export SRC OUT"""
 import sys
+from pathlib import Path
 
 from ._common import UsageError
 
-HELP = "export a state adapter to a runtime state .pth, or an adapter (merged) / checkpoint to .pth or HF"
+HELP = ("export a state adapter to a runtime state .pth, or an adapter (merged) / checkpoint to .pth, HF or "
+        "GGUF (llama.cpp, ollama)")
 
 EPILOG = """\
 examples:
@@ -12,14 +14,19 @@ examples:
   rwkv-peft export outputs/run1/adapter merged/ --what model  merged model (base: recorded in the adapter)
   rwkv-peft export outputs/run1/adapter merged.pth --base base.pth --what model   merged into a given base
   rwkv-peft export model.pth model_hf/                        checkpoint layout conversion
+  rwkv-peft export model.pth model-q8_0.gguf --dtype q8_0     GGUF for llama.cpp / ollama (RWKV-7, RWKV-6)
+  rwkv-peft export outputs/run1/adapter merged.gguf           adapter merged onto its base, as GGUF
 
 A runtime state file holds blocks.N.att.time_state shaped [H, N, N] (S[h, value, key], fp32): the layout the
 official rwkv package and RWKV runtimes load as the initial state. SRC and --base accept what a recipe's
-model.path accepts (assets:NAME, ~, .pth files, folders).
+model.path accepts (assets:NAME, ~, .pth files, folders). A .gguf output always holds the (merged) model, with
+the RWKV World tokenizer; --dtype f32/f16/bf16/q8_0 (default: bf16 for a bf16 model, else f16). GGUF cannot
+hold a learned initial state (state tuning): export that as a runtime state .pth instead.
 """
 
 STATE_OUTPUTS = {".pth": "runtime state", ".safetensors": "state adapter"}
-MODEL_OUTPUTS = {".pth": "BlinkDL checkpoint", "": "Hugging Face model"}
+MODEL_OUTPUTS = {".pth": "BlinkDL checkpoint", ".gguf": "GGUF for llama.cpp / ollama", "": "Hugging Face model"}
+DTYPES = ["float32", "bfloat16", "float16", "f32", "bf16", "f16", "q8_0"]
 
 
 def add_arguments(p):
@@ -33,7 +40,9 @@ def add_arguments(p):
                    help="export the state or the merged model (default: the state when SRC holds one and no "
                         "--base is given)")
     p.add_argument("--base", help="base checkpoint to merge an adapter into (default: recorded in the adapter)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="dtype of exported model weights")
+    p.add_argument("--dtype", choices=DTYPES, metavar="DTYPE",
+                   help="dtype of exported model weights: float32, bfloat16, float16; for .gguf also f32, bf16, "
+                        "f16 and q8_0")
 
 
 def run(args) -> int:
@@ -48,8 +57,14 @@ def run(args) -> int:
         state_source = _is_state_source(src)
     except CheckpointError as e:
         raise UsageError(str(e)) from None
-    as_state = args.what == "state" or (args.what == "auto" and args.base is None and state_source)
+    to_gguf = Path(args.out).suffix.lower() == ".gguf"
+    as_state = not to_gguf and (args.what == "state" or (args.what == "auto" and args.base is None and state_source))
+    if args.dtype and args.dtype not in ("float32", "bfloat16", "float16") and not to_gguf:
+        raise UsageError(f"--dtype {args.dtype}: {args.dtype} is a GGUF type; a .pth or Hugging Face export takes "
+                         f"float32, bfloat16 or float16")
     try:
+        if to_gguf:
+            return _export_gguf(args, src, state_source)
         if as_state:
             if not state_source:
                 raise UsageError(f"SRC {args.src!r} holds no state to export (no state_adapter.safetensors, no "
@@ -77,4 +92,24 @@ def run(args) -> int:
     except (CheckpointError, AdapterMismatchError, ExportError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _export_gguf(args, src, state_source: bool) -> int:
+    """SRC -> .gguf (rwkv_peft.export_gguf): a checkpoint as it is, an adapter merged onto its base first."""
+    from ..export_gguf import export_gguf
+    from ._common import is_adapter_dir, resolve_base, shown
+
+    if args.what == "state" or (state_source and not is_adapter_dir(src)):
+        raise UsageError(f"OUT {args.out!r}: a GGUF holds a model, not a state; export the state to a .pth "
+                         f"(runtime state) or .safetensors file")
+    if is_adapter_dir(src):
+        base_spec, base = resolve_base(args.base, src, model_arg="--base")
+        msg = export_gguf(src, args.out, dtype=args.dtype, base=base)
+        print(f"merged {shown(args.src)} into {shown(base_spec)} -> " + msg.replace(str(args.out), shown(args.out), 1))
+        return 0
+    if args.base:
+        raise UsageError(f"--base is for merging an adapter; SRC {args.src!r} is a model checkpoint")
+    print(f"{shown(args.src)} -> " + export_gguf(src, args.out, dtype=args.dtype).replace(str(args.out),
+                                                                                          shown(args.out), 1))
     return 0
