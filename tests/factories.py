@@ -15,8 +15,9 @@ REFERENCE_SCRIPT = Path(__file__).with_name("official_reference.py")
 
 
 def make_blinkdl_v7(vocab: int = 97, width: int = 128, layers: int = 2, head_size: int = 64,
-                    dtype=torch.float32, seed: int = 0, time_state: bool = False) -> dict:
-    """Random weights of realistic range, in the shapes and key order the official training code saves."""
+                    dtype=torch.float32, seed: int = 0, time_state: bool = False, deep_embed: int = 0) -> dict:
+    """Random weights of realistic range, in the shapes and key order the official training code saves.
+    ``deep_embed`` (R > 0): the DeepEmbed variant's per-layer tables and maps, R x R per token."""
     g = torch.Generator().manual_seed(seed)
     C, H, N, F = width, width // head_size, head_size, 4 * width
     Dw, Da, Dv, Dg = (default_low_rank(C, 1.8, 0.5), default_low_rank(C, 1.8, 0.5),
@@ -57,16 +58,26 @@ def make_blinkdl_v7(vocab: int = 97, width: int = 128, layers: int = 2, head_siz
         sd[f + "x_k"] = uni(1, 1, C)
         sd[f + "key.weight"] = rnd(F, C, scale=C ** -0.5)
         sd[f + "value.weight"] = rnd(C, F, scale=F ** -0.5)
+        if deep_embed:
+            R = deep_embed
+            sd[f + "s_emb.weight"] = rnd(vocab, R * R, scale=R ** -0.5)
+            sd[f + "s_emb_x.weight"] = rnd(R * R, C, scale=0.3 * C ** -0.5)
+            sd[f + "s1"], sd[f + "s2"] = rnd(C, R, scale=C ** -0.5), rnd(R, F, scale=0.3 * R ** -0.5)
+            sd[f + "s0"] = rnd(F, scale=0.1, mean=1.0)
     sd["ln_out.weight"], sd["ln_out.bias"] = uni(C, lo=0.8, hi=1.2), rnd(C, scale=0.1)
     sd["head.weight"] = rnd(vocab, C, scale=C ** -0.5 * 3)
     return {k: v.to(dtype).contiguous() for k, v in sd.items()}
 
 
-def official_reference(pth: Path, requests: dict, out: Path) -> dict:
-    """Run the official ``rwkv`` package (v7, cpu fp32) in a fresh process; see official_reference.py."""
+def official_reference(pth: Path, requests: dict, out: Path, deep_embed: bool = False) -> dict:
+    """Run the official ``rwkv`` package (v7, cpu fp32) in a fresh process; see official_reference.py.
+    ``deep_embed``: as a DeepEmbed model (``RWKV_DE_VERSION=1``, read when the package is imported)."""
     req = out.with_suffix(".json")
     req.write_text(json.dumps({"model": str(pth), "out": str(out), **requests}))
     env = {**os.environ, "RWKV_V7_ON": "1", "RWKV_CUDA_ON": "0", "RWKV_JIT_ON": "1"}
+    env.pop("RWKV_DE_VERSION", None)
+    if deep_embed:
+        env["RWKV_DE_VERSION"] = "1"
     proc = subprocess.run([sys.executable, str(REFERENCE_SCRIPT), str(req)], env=env,
                           capture_output=True, text=True, timeout=600)
     if proc.returncode:

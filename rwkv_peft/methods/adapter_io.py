@@ -29,7 +29,8 @@ from ..errors import RWKVPeftError
 MANIFEST = "rwkv_peft_adapter.json"
 FORMAT_VERSION = 1
 SIZE_KEYS = ("architecture", "vocab_size", "hidden_size", "num_hidden_layers", "num_heads", "head_size",
-             "intermediate_size", "decay_low_rank", "a_low_rank", "v_low_rank", "gate_low_rank", "mix_low_rank")
+             "intermediate_size", "decay_low_rank", "a_low_rank", "v_low_rank", "gate_low_rank", "mix_low_rank",
+             "deep_embed_rank")
 
 
 class AdapterMismatchError(RWKVPeftError, ValueError):

@@ -160,10 +160,19 @@ def load_base_model(path: Union[str, os.PathLike], dtype: Union[str, torch.dtype
                              "device_map": device_map}
     if quantization is not None:
         keep_4bit_layers_trainable(model)
+    tables_to_host(model)
     if trainable_initial_state:
         from ..tuners.state_tuning import add_initial_state
         add_initial_state(model)
     return model.eval()
+
+
+def tables_to_host(model: nn.Module) -> None:
+    """DeepEmbed tables that a ``device_map`` load put on a GPU go back to CPU memory (``HostEmbedding``)."""
+    from ..models.rwkv7.modeling_rwkv7 import HostEmbedding
+    for m in model.modules():
+        if isinstance(m, HostEmbedding):
+            m._apply(lambda t: t)
 
 
 def keep_4bit_layers_trainable(model: nn.Module) -> None:

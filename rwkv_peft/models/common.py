@@ -92,6 +92,10 @@ class RWKVModelMixin:
         """A layer's learned initial state ``[H, N, N]`` in the layout the WKV op uses (identity for RWKV-7)."""
         return time_state
 
+    def _block_tokens(self, input_ids, x0):
+        """What blocks get as ``tokens=`` besides the hidden state (None: nothing; RWKV-7 DeepEmbed uses it)."""
+        return None
+
     def get_input_embeddings(self):
         return self.emb
 
@@ -128,10 +132,12 @@ class RWKVModelMixin:
 
         x = self.ln0(inputs_embeds)                                                  # [B, T, C]
         carry = torch.empty_like(x)  # what a block hands the next one (RWKV-7: the first layer's v)
+        tokens = self._block_tokens(input_ids, x)
+        extra = {} if tokens is None else {"tokens": tokens}
         all_hidden = (x,) if output_hidden_states else None
         new_state = []
         for i, block in enumerate(self.blocks):
-            x, carry, layer_state = block(x, carry, state=None if state is None else state[i], mask=mask)
+            x, carry, layer_state = block(x, carry, state=None if state is None else state[i], mask=mask, **extra)
             new_state.append(layer_state)
             if output_hidden_states and i < len(self.blocks) - 1:
                 all_hidden += (x,)

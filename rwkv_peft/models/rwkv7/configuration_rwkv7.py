@@ -16,6 +16,12 @@ class RWKV7Config(PretrainedConfig):
 
     ``use_initial_state`` gives every layer a learned initial WKV state ``[H, N, N]`` (``att.time_state``)
     that starts every sequence unless a state is passed in; state tuning trains it.
+
+    ``deep_embed_rank`` (R, 0 = off; 32 in the released models) makes it a DeepEmbed model: every channel mix has
+    a per-token table ``s_emb`` ``[V, R*R]`` (plus ``s_emb_x`` ``[R*R, C]`` applied to the normalized token
+    embedding) and scales its squared-ReLU key by ``((x @ s1) @ S_token) @ s2 + s0``, ``S_token`` being the
+    token's row seen as ``R x R``. ``deep_embed_on_cpu`` keeps those tables in CPU memory when the model moves
+    to a GPU (each forward sends only its tokens' rows), so a large DeepEmbed model fits a consumer GPU.
     """
 
     model_type = "rwkv7_peft"
@@ -34,6 +40,8 @@ class RWKV7Config(PretrainedConfig):
         gate_low_rank: int | None = None,
         layer_norm_eps: float = 1e-5,
         use_initial_state: bool = False,
+        deep_embed_rank: int = 0,
+        deep_embed_on_cpu: bool = True,
         use_cache: bool = True,
         pad_token_id: int = 0,
         bos_token_id: int = 0,
@@ -54,6 +62,8 @@ class RWKV7Config(PretrainedConfig):
         self.gate_low_rank = gate_low_rank or default_low_rank(hidden_size, 0.6, 0.8)
         self.layer_norm_eps = layer_norm_eps
         self.use_initial_state = use_initial_state
+        self.deep_embed_rank = deep_embed_rank
+        self.deep_embed_on_cpu = deep_embed_on_cpu
         self.use_cache = use_cache
         super().__init__(pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
                          tie_word_embeddings=tie_word_embeddings, **kwargs)
@@ -71,12 +81,15 @@ class RWKV7Config(PretrainedConfig):
     def num_parameters_estimate(self) -> int:
         C, L, V, F = self.hidden_size, self.num_hidden_layers, self.vocab_size, self.intermediate_size
         low = 2 * C * (self.decay_low_rank + self.a_low_rank + self.v_low_rank + self.gate_low_rank)
-        return 2 * V * C + L * (4 * C * C + 2 * C * F + low)
+        R2 = self.deep_embed_rank ** 2
+        deep = (V * R2 + R2 * C + self.deep_embed_rank * (C + F) + F) if R2 else 0
+        return 2 * V * C + L * (4 * C * C + 2 * C * F + low + deep)
 
     def describe(self) -> str:
         n = self.num_parameters_estimate
         size = f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
-        return (f"RWKV-7 {size}: {self.num_hidden_layers} layers, width {self.hidden_size}, "
+        kind = "RWKV-7 DeepEmbed" if self.deep_embed_rank else "RWKV-7"
+        return (f"{kind} {size}: {self.num_hidden_layers} layers, width {self.hidden_size}, "
                 f"{self.num_heads} heads x {self.head_size}, vocab {self.vocab_size}")
 
 

@@ -70,6 +70,7 @@ def config_from_blinkdl(sd: StateDict, where: str = "checkpoint") -> RWKV7Config
         decay_low_rank=sd["blocks.0.att.w1"].shape[1], a_low_rank=sd["blocks.0.att.a1"].shape[1],
         v_low_rank=sd["blocks.0.att.v1"].shape[1], gate_low_rank=sd["blocks.0.att.g1"].shape[1],
         use_initial_state="blocks.0.att.time_state" in sd,
+        deep_embed_rank=sd["blocks.0.ffn.s1"].shape[-1] if "blocks.0.ffn.s1" in sd else 0,
     )
 
 
@@ -77,6 +78,9 @@ def _require(sd: StateDict, keys, where: str):
     for k in keys:
         if k not in sd:
             raise CheckpointError(f"{where}: missing key '{k}'")
+
+
+DEEP_EMBED = ("ffn.s_emb.weight", "ffn.s_emb_x.weight", "ffn.s1", "ffn.s2", "ffn.s0")  # DeepEmbed variant
 
 
 def blinkdl_key_to_hf(key: str) -> Tuple[str, str]:
@@ -98,7 +102,7 @@ def blinkdl_key_to_hf(key: str) -> Tuple[str, str]:
         return p + rest, "same"
     if rest == "ffn.x_k":
         return p + rest, "flatten"
-    if rest in ("ffn.key.weight", "ffn.value.weight"):
+    if rest in ("ffn.key.weight", "ffn.value.weight") + DEEP_EMBED:
         return p + rest, "same"
     if rest.startswith("att."):
         name = rest[4:]
@@ -121,7 +125,7 @@ def blinkdl_to_hf(sd: StateDict, where: str = "checkpoint") -> Tuple[RWKV7Config
             new, how = blinkdl_key_to_hf(key)
         except KeyError:
             raise CheckpointError(f"{where}: unexpected key '{key}' (not part of an RWKV-7 checkpoint "
-                                  f"this converter knows; DeepEmbed and other variants are not supported)") from None
+                                  f"this converter knows)") from None
         if not isinstance(t, torch.Tensor):
             raise CheckpointError(f"{where}: key '{key}' holds a {type(t).__name__}, not a tensor")
         out[new] = t.reshape(-1) if how == "flatten" else t.t() if how == "transpose" else t
@@ -185,7 +189,7 @@ _BLOCK_ORDER = ["ln0.weight", "ln0.bias", "ln1.weight", "ln1.bias", "ln2.weight"
     "att." + n for n in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "w0", "w1", "w2", "a0", "a1", "a2", "v0", "v1",
                          "v2", "g1", "g2", "k_k", "k_a", "r_k", "receptance.weight", "key.weight", "value.weight",
                          "output.weight", "ln_x.weight", "ln_x.bias", "time_state")
-] + ["ffn.x_k", "ffn.key.weight", "ffn.value.weight"]
+] + ["ffn.x_k", "ffn.key.weight", "ffn.value.weight", *DEEP_EMBED]
 
 
 def _official_order(key: str):

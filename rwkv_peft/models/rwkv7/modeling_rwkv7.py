@@ -89,19 +89,54 @@ class RWKV7TimeMix(nn.Module):
         return self.output(o * g), v_first, shift_out, wkv_out
 
 
+class HostEmbedding(nn.Embedding):
+    """An embedding table that stays in CPU memory when the model moves to a GPU (``.to``, ``.cuda``): DeepEmbed's
+    per-layer ``[V, R*R]`` tables are far larger than the model's other weights and are read a few rows at a
+    time, so each forward gathers its tokens' rows on the CPU and sends only those. Dtype changes still apply."""
+
+    def _apply(self, fn, recurse=True):
+        dtype = fn(torch.empty(0, dtype=self.weight.dtype)).dtype  # what the move asks for, minus the device
+        if self.weight.device.type != "cpu" or dtype != self.weight.dtype:
+            self.weight.data = self.weight.data.to("cpu", dtype)
+            if self.weight.grad is not None:
+                self.weight.grad.data = self.weight.grad.data.to("cpu", dtype)
+        return self
+
+    def forward(self, ids):
+        return super().forward(ids.to(self.weight.device))
+
+
 class RWKV7ChannelMix(nn.Module):
     def __init__(self, config: RWKV7Config, layer_idx: int):
         super().__init__()
-        C = config.hidden_size
+        C, F, R = config.hidden_size, config.intermediate_size, config.deep_embed_rank
         self.layer_idx = layer_idx
         self.x_k = nn.Parameter(torch.zeros(C))
-        self.key = nn.Linear(C, config.intermediate_size, bias=False)
-        self.value = nn.Linear(config.intermediate_size, C, bias=False)
+        self.key = nn.Linear(C, F, bias=False)
+        self.value = nn.Linear(F, C, bias=False)
+        if R:  # DeepEmbed: a per-token R x R matrix scales the key (see RWKV7Config)
+            table = HostEmbedding if config.deep_embed_on_cpu else nn.Embedding
+            self.s_emb = table(config.vocab_size, R * R)
+            self.s_emb_x = nn.Linear(C, R * R, bias=False)
+            self.s1 = nn.Parameter(torch.zeros(C, R))
+            self.s2 = nn.Parameter(torch.zeros(R, F))
+            self.s0 = nn.Parameter(torch.zeros(F))
 
-    def forward(self, x, shift: Optional[torch.Tensor], mask: Optional[torch.Tensor]):
+    def forward(self, x, shift: Optional[torch.Tensor], mask: Optional[torch.Tensor], tokens=None):
         x_prev, shift_out = token_shift(x, shift, mask)
-        k = torch.relu(self.key(x + (x_prev - x) * self.x_k)) ** 2
+        k = torch.relu(self.key(x + (x_prev - x) * self.x_k)) ** 2                  # [B, T, F]
+        if hasattr(self, "s_emb"):
+            k = k * self.deep_embed_scale(x, tokens)
         return self.value(k), shift_out
+
+    def deep_embed_scale(self, x, tokens):
+        """``((x @ s1) @ S_token) @ s2 + s0`` [B, T, F]; ``tokens`` = (ids [B, T], ln0(emb(ids)) [B, T, C])."""
+        ids, x0 = tokens
+        B, T, _ = x.shape
+        R = self.s1.shape[1]
+        table = self.s_emb(ids).to(x.device) + self.s_emb_x(x0)                      # [B, T, R*R]
+        ss = (x @ self.s1).unsqueeze(-2) @ table.view(B, T, R, R)                    # [B, T, 1, R]
+        return ss.squeeze(-2) @ self.s2 + self.s0
 
 
 class RWKV7Block(GradientCheckpointingLayer):
@@ -113,11 +148,12 @@ class RWKV7Block(GradientCheckpointingLayer):
         self.att = RWKV7TimeMix(config, layer_idx)
         self.ffn = RWKV7ChannelMix(config, layer_idx)
 
-    def forward(self, x, v_first, state: Optional[LayerState] = None, mask: Optional[torch.Tensor] = None):
+    def forward(self, x, v_first, state: Optional[LayerState] = None, mask: Optional[torch.Tensor] = None,
+                tokens=None):
         att_shift, wkv_state, ffn_shift = state if state is not None else (None, None, None)
         dx, v_first, att_shift, wkv_state = self.att(self.ln1(x), v_first, att_shift, wkv_state, mask)
         x = x + dx
-        dx, ffn_shift = self.ffn(self.ln2(x), ffn_shift, mask)
+        dx, ffn_shift = self.ffn(self.ln2(x), ffn_shift, mask, tokens)
         x = x + dx
         return x, v_first, (att_shift.float(), wkv_state, ffn_shift.float())
 
@@ -170,11 +206,25 @@ class RWKV7PreTrainedModel(PreTrainedModel):
             init.copy_(module.x_k, 1.0 - ddd ** (r1a0 ** 4))
             init.uniform_(module.key.weight, -0.5 / C ** 0.5, 0.5 / C ** 0.5)
             init.zeros_(module.value.weight)
+            if hasattr(module, "s_emb"):  # DeepEmbed starts as the plain channel mix: scale 1
+                init.zeros_(module.s_emb.weight)
+                init.zeros_(module.s_emb_x.weight)
+                init.zeros_(module.s1)
+                init.zeros_(module.s2)
+                init.ones_(module.s0)
         else:
             init_shared_weights(module, cfg)
 
 
 class RWKV7Model(RWKVModelMixin, RWKV7PreTrainedModel):
+    def _block_tokens(self, input_ids, x0):
+        """DeepEmbed: what every channel mix indexes its table with (the ids and ln0 of their embedding)."""
+        if not self.config.deep_embed_rank:
+            return None
+        if input_ids is None:
+            raise ValueError("a DeepEmbed model needs input_ids (its tables are indexed by token), not inputs_embeds")
+        return input_ids, x0
+
     def __init__(self, config: RWKV7Config):
         super().__init__(config)
         C = config.hidden_size
