@@ -1,8 +1,11 @@
 """Exports for runtimes: state adapters to the runtime state ``.pth``; merged models to ``.pth`` / HF folders.
 
 ``export(src, out)`` decides from what ``src`` is:
-- an adapter folder with a state, or a state file, and ``out`` ending in ``.pth``: the runtime state file
-  ``{'blocks.N.att.time_state': [H, N, N] fp32}`` (the layout the official ``rwkv`` package's v7 state uses);
+- an adapter folder with a state, or a state file, and ``out`` ending in ``.pth``: the runtime state file of the
+  state's version (``Version.state_file_key`` / ``state_file_layout``): ``{'blocks.N.att.time_state': [H, N, N]
+  fp32}``, ``S[h, value, key]`` for RWKV-7, -6 and -5.2 alike. The official ``rwkv`` package carries RWKV-7's
+  state in that layout and RWKV-5/6's transposed (``Version.runtime_state_layout``); its RWKV-5/6 class and
+  RWKV-Runner transpose the file themselves, so the file is the same for every version;
 - the same with ``out`` ending in ``.safetensors``: our self-describing state adapter;
 - an adapter folder with ``base`` given (or recorded in its manifest) and ``what="model"``: the merged model;
 - a model checkpoint (``.pth``, HF or fla folder): the model in the other layout (``rwkv_peft.convert``).
@@ -13,6 +16,7 @@ import os
 from pathlib import Path
 from typing import Optional, Union
 
+from . import versions
 from .errors import RWKVPeftError
 from .tuners.state_tuning import (
     STATE_FILE, export_state_pth, load_state_any, read_state_file, save_state_file, sizes_of_states,
@@ -23,20 +27,26 @@ class ExportError(RWKVPeftError, ValueError):
     """An export that cannot be done as asked."""
 
 
-def export_state(src: Union[str, os.PathLike], out: Union[str, os.PathLike]) -> str:
-    """State adapter folder / ``.safetensors`` / runtime ``.pth`` -> runtime ``.pth`` or ``.safetensors``."""
+def export_state(src: Union[str, os.PathLike], out: Union[str, os.PathLike],
+                 architecture: Optional[str] = None) -> str:
+    """State adapter folder / ``.safetensors`` / runtime ``.pth`` -> runtime ``.pth`` or ``.safetensors``.
+    ``architecture`` ("rwkv6"): the version of a source that records none (a runtime ``.pth``)."""
     src, out = Path(src), Path(out)
-    states, meta = load_state_any(src)
-    sizes = sizes_of_states(states)
-    desc = (f"{sizes['num_hidden_layers']} layers x [{sizes['num_heads']}, {sizes['head_size']}, "
-            f"{sizes['head_size']}]")
+    states, meta = load_state_any(src, architecture)
+    arch = meta.get("architecture") or architecture
+    version = versions.by_name(arch)
+    sizes = sizes_of_states(states, arch)
+    desc = (f"{version.title + ', ' if version else ''}{sizes['num_hidden_layers']} layers x "
+            f"[{sizes['num_heads']}, {sizes['head_size']}, {sizes['head_size']}]")
     if out.suffix == ".pth":
-        export_state_pth(states, out)
-        return f"{src} -> {out} (runtime state .pth: blocks.N.att.time_state, {desc})"
+        export_state_pth(states, out, architecture=arch)
+        v = version or versions.DEFAULT
+        return (f"{src} -> {out} (runtime state .pth: {v.state_file_key.format(layer='N')} "
+                f"{v.state_file_layout}, {desc})")
     if out.suffix == ".safetensors":
         from .paths import portable_path
         extra = {"source": portable_path(src)}  # no local folder layout in a file that may be published
-        save_state_file(states, out, extra=extra)
+        save_state_file(states, out, extra=extra, architecture=arch)
         read_state_file(out)  # self-check of the metadata we just wrote
         return f"{src} -> {out} (state adapter safetensors, {desc})"
     raise ExportError(f"{out}: a state is written as a .pth (runtime) or .safetensors (state adapter) file")

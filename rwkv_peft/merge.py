@@ -151,8 +151,10 @@ def merge_adapters(base: Union[str, os.PathLike, nn.Module, None], adapters: Seq
                 states.append(load_state_any(a / STATE_FILE)[0])
                 state_w.append(w)
         else:
-            from .tuners.state_tuning import check_states, model_sizes
-            st, _ = load_state_any(a)
+            from . import versions
+            from .tuners.state_tuning import check_state_version, check_states, model_sizes
+            st, meta = load_state_any(a, versions.of(unwrap(model)).name)
+            check_state_version(meta.get("architecture"), model, where=str(a))
             check_states(st, model_sizes(model), where=str(a))
             states.append(st)
             state_w.append(w)

@@ -17,6 +17,11 @@ from typing import Dict, List, Optional, Tuple
 
 from .errors import CheckpointError
 
+# layouts of a layer's WKV state [H, N, N]: S[h, value, key] (RWKV-7's own state; every runtime state file) or
+# S[h, key, value] (the RWKV-5/6 state the official package carries)
+VALUE_KEY = "[H, N(value), N(key)]"
+KEY_VALUE = "[H, N(key), N(value)]"
+
 _ATTENTION = ("att.receptance", "att.key", "att.value", "att.output")
 _FFN = ("ffn.key", "ffn.value")
 
@@ -39,7 +44,19 @@ class Version:
     # modules no adapter goes on: RWKV-7's layer 0 takes its value residual from itself, so its v_lora never
     # reaches the loss (an adapter there would never train, and its missing gradient stalls DDP's all-reduce)
     never_targeted: Tuple[str, ...] = ()
-    state_tuning: bool = False     # whether the learned initial WKV state (state tuning) is wired in
+    # State tuning: every layer's learned initial WKV state, the parameter ``att.time_state`` [H, N, N].
+    state_tuning: bool = False     # whether state tuning (the learned initial WKV state) is wired in
+    state_layout: str = VALUE_KEY  # our ``att.time_state`` parameter (and our state_adapter.safetensors)
+    # the runtime state file: one tensor per layer under this key, in this layout (RWKV-PEFT's training kernels,
+    # RWKV-Runner and the official package's merged-checkpoint path all read S[h, value, key] for v5, v6 and v7)
+    state_file_key: str = "blocks.{layer}.att.time_state"
+    state_file_layout: str = VALUE_KEY
+    # the WKV state in the official package's state list (``state[3 * layer + 1]``, what ``forward`` carries);
+    # a runtime building that list from the state file transposes where the two layouts differ
+    runtime_state_layout: str = VALUE_KEY
+    # whether the official package starts every sequence from a ``time_state`` stored in the checkpoint itself
+    # (v5/v6: ``RWKV.forward`` with ``state=None``); otherwise the runtime passes the state in
+    runtime_reads_checkpoint_state: bool = False
     notes: str = ""
     _cache: dict = field(default_factory=dict, compare=False, repr=False)
 
@@ -73,6 +90,26 @@ class Version:
     def time_mix_class(self):
         return self._get("modeling", f"{self.prefix}TimeMix")
 
+    def state_key(self, layer: int) -> str:
+        """The runtime state file's key of one layer: ``blocks.{layer}.att.time_state``."""
+        return self.state_file_key.format(layer=layer)
+
+    @staticmethod
+    def _relayout(s, src: str, dst: str):
+        return s if src == dst else s.transpose(-1, -2)
+
+    def state_to_file(self, s):
+        """Our ``att.time_state`` [H, N, N] -> the runtime state file's tensor."""
+        return self._relayout(s, self.state_layout, self.state_file_layout)
+
+    def state_from_file(self, s):
+        """The runtime state file's tensor -> our ``att.time_state``."""
+        return self._relayout(s, self.state_file_layout, self.state_layout)
+
+    def file_to_runtime_state(self, s):
+        """The runtime state file's tensor -> the WKV state in the official package's state list."""
+        return self._relayout(s, self.state_file_layout, self.runtime_state_layout)
+
     def blinkdl_to_hf(self, sd, where: str):
         """(config, our state dict) of a BlinkDL state dict of this version."""
         return self._get("convert", "blinkdl_to_hf")(sd, where=where)
@@ -87,9 +124,11 @@ VERSIONS: Tuple[Version, ...] = (
             never_targeted=("blocks.0.att.v_lora.down", "blocks.0.att.v_lora.up"), state_tuning=True),
     Version("rwkv6", "RWKV-6", "6", "RWKV6",
             _presets((*_ATTENTION, "att.gate"), (*_FFN, "ffn.receptance"),
-                     ("att.maa_lora.down", "att.decay_lora.down", "att.decay_lora.up"))),
+                     ("att.maa_lora.down", "att.decay_lora.down", "att.decay_lora.up")),
+            state_tuning=True, runtime_state_layout=KEY_VALUE, runtime_reads_checkpoint_state=True),
     Version("rwkv5", "RWKV-5.2", "5.2", "RWKV5",  # no low-rank maps: "all" is the default set
-            _presets((*_ATTENTION, "att.gate"), (*_FFN, "ffn.receptance"))),
+            _presets((*_ATTENTION, "att.gate"), (*_FFN, "ffn.receptance")),
+            state_tuning=True, runtime_state_layout=KEY_VALUE, runtime_reads_checkpoint_state=True),
 )
 DEFAULT = VERSIONS[0]
 
@@ -105,6 +144,11 @@ def supported() -> str:
 def by_model_type(model_type: Optional[str]) -> Optional[Version]:
     """The version whose HF ``model_type`` (``config.json``) this is; None for any other."""
     return next((v for v in VERSIONS if v.model_type == model_type), None)
+
+
+def by_name(name: Optional[str]) -> Optional[Version]:
+    """The version called ``name`` in adapter manifests and state files ("rwkv6"); None for any other."""
+    return next((v for v in VERSIONS if v.name == name), None)
 
 
 def by_blinkdl(version: str, where: str = "checkpoint") -> Version:

@@ -5,6 +5,8 @@ Request JSON: model (.pth path), out (.pt path), and any of
   steps: list of token lists    -> logits token by token
   greedy: [[prompt, n]]         -> n greedy tokens continued from the prompt
   state_init: bool              -> start from the checkpoint's time_state (merged state) instead of zeros
+  state_file: path              -> start from a runtime state file (blocks.N.att.time_state, [h, value, key]),
+                                   put into the state list as it is, as RWKV-7 runtimes (RWKV-Runner) do
 """
 import json
 import sys
@@ -18,11 +20,15 @@ model = RWKV(model=req["model"][:-4], strategy="cpu fp32")
 raw = torch.load(req["model"], map_location="cpu", weights_only=True)
 
 
+start = (torch.load(req["state_file"], map_location="cpu", weights_only=True) if req.get("state_file")
+         else raw if req.get("state_init") else None)
+
+
 def zero_state():
     state = model.generate_zero_state()
-    if req.get("state_init"):
+    if start is not None:
         for i in range(model.n_layer):
-            state[i * 3 + 1] = raw[f"blocks.{i}.att.time_state"].float().clone()
+            state[i * 3 + 1] = start[f"blocks.{i}.att.time_state"].float().clone()
     return state
 
 

@@ -5,7 +5,11 @@ Request JSON: model (.pth path), out (.pt path), and any of
   full: list of token lists     -> every position's logits of one pass, and the final state
   steps: list of token lists    -> logits token by token
   greedy: [[prompt, n]]         -> n greedy tokens continued from the prompt
-Every sequence starts from the package's own initial state (zeros, or the checkpoint's time_state).
+  state_file: path              -> "full" again, each sequence started from a runtime state file
+                                   (blocks.N.att.time_state, [h, value, key]) put into the state list transposed
+                                   to the package's [h, key, value], as RWKV-Runner does for v5/v6 (results in
+                                   "full_from_file")
+Every other sequence starts from the package's own initial state (zeros, or the checkpoint's time_state).
 """
 import json
 import sys
@@ -18,8 +22,19 @@ from rwkv.model import RWKV  # noqa: E402  (the environment chooses v4-v6 before
 model = RWKV(model=req["model"][:-4], strategy="cpu fp32")
 assert model.version == 5.2, f"the package read this checkpoint as RWKV-{model.version}"
 
-res = {"full": [], "full_state": [], "steps": [], "greedy": []}
+res = {"full": [], "full_state": [], "steps": [], "greedy": [], "full_from_file": []}
 with torch.no_grad():
+    if req.get("state_file"):
+        start = torch.load(req["state_file"], map_location="cpu", weights_only=True)
+        n_layer = model.args.n_layer
+        for toks in req.get("full", []):
+            state = [None] * n_layer * 3
+            for i in range(n_layer):
+                state[i * 3 + 0] = torch.zeros(model.args.n_embd)
+                state[i * 3 + 1] = start[f"blocks.{i}.att.time_state"].transpose(1, 2).float().contiguous()
+                state[i * 3 + 2] = torch.zeros(model.args.n_embd)
+            logits, state = model.forward(toks, state, full_output=True)
+            res["full_from_file"].append(logits.clone())
     for toks in req.get("full", []):
         logits, state = model.forward(toks, None, full_output=True)
         res["full"].append(logits.clone())

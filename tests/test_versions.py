@@ -53,18 +53,26 @@ def test_lora_uses_the_models_version(version_pth):
 
 
 def test_unsupported_versions_name_what_is_supported(tmp_path):
-    sd = {"emb.weight": torch.zeros(61, 8), "blocks.0.att.time_first": torch.zeros(8),
-          "blocks.0.att.time_decay": torch.zeros(8), "blocks.0.att.key.weight": torch.zeros(8, 8)}
-    torch.save(sd, tmp_path / "v4.pth")
-    with pytest.raises(versions.UnsupportedVersionError, match=r"v4\.pth: RWKV-4 checkpoint; supported: RWKV-7"):
-        load_any(tmp_path / "v4.pth")
+    sd = {"emb.weight": torch.zeros(61, 8), "blocks.0.att.time_first": torch.zeros(2),  # RWKV-5.1: decay per head
+          "blocks.0.att.time_decay": torch.zeros(2), "blocks.0.att.key.weight": torch.zeros(8, 8),
+          "blocks.0.att.gate.weight": torch.zeros(8, 8), "blocks.0.att.ln_x.weight": torch.zeros(8)}
+    torch.save(sd, tmp_path / "v51.pth")
+    with pytest.raises(versions.UnsupportedVersionError, match=r"v51\.pth: RWKV-5\.1 checkpoint; supported: RWKV-7"):
+        load_any(tmp_path / "v51.pth")
 
 
-def test_state_tuning_on_a_version_without_it_is_a_clear_error(tmp_path):
+def test_state_tuning_on_a_version_without_it_is_a_clear_error(tmp_path, monkeypatch):
+    """Every version here has it now (tests/methods/test_state_tuning_versions.py); one without it is refused."""
+    import dataclasses
+
     from rwkv_peft.tuners.state_tuning import apply_state_tuning
     config, _, _ = load_any(_saved(tmp_path, make_blinkdl_v6(61, 128, 1)))
-    with pytest.raises(errors.RWKVPeftError, match="state tuning is wired in for RWKV-7 so far; this is a RWKV-6"):
-        apply_state_tuning(versions.of(config).causal_lm_class(config))
+    v6 = versions.of(config)
+    without = dataclasses.replace(v6, state_tuning=False)
+    monkeypatch.setattr(versions, "VERSIONS", tuple(without if v is v6 else v for v in versions.VERSIONS))
+    with pytest.raises(errors.RWKVPeftError, match="state tuning is wired in for RWKV-7, RWKV-5.2 so far; this "
+                                                   "is a RWKV-6"):
+        apply_state_tuning(v6.causal_lm_class(config))
 
 
 def _saved(tmp_path, sd):

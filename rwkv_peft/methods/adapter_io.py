@@ -88,7 +88,7 @@ def save_adapter(model: nn.Module, out_dir: os.PathLike, extra: Optional[dict] =
     """
     from .. import __version__
     from ..convert import atomic_path
-    from ..tuners.state_tuning import STATE_FILE, STATE_LAYOUT, get_states, save_state_file, state_tuning_config, unwrap
+    from ..tuners.state_tuning import STATE_FILE, get_states, save_state_file, state_tuning_config, unwrap
     from .loading import load_info
 
     base = unwrap(model)
@@ -118,9 +118,11 @@ def save_adapter(model: nn.Module, out_dir: os.PathLike, extra: Optional[dict] =
                 manifest["lora"] = _save_lora(model, Path(tmp), state_dict)
         if st is not None:
             states = get_states(model) if state_dict is None else _states_in(model, state_dict)
-            save_state_file(states, Path(tmp) / STATE_FILE, extra=st.to_dict())
-            manifest["state"] = {"file": STATE_FILE, "layout": STATE_LAYOUT, "init": st.init,
-                                 "layers": st.num_hidden_layers, "heads": st.num_heads, "head_size": st.head_size}
+            version = versions.of(base)  # the model's version, also for a config recorded by an older release
+            save_state_file(states, Path(tmp) / STATE_FILE, extra=st.to_dict(), architecture=version.name)
+            manifest["state"] = {"file": STATE_FILE, "architecture": version.name, "layout": version.state_layout,
+                                 "init": st.init, "layers": st.num_hidden_layers, "heads": st.num_heads,
+                                 "head_size": st.head_size}
         if extra:
             manifest["extra"] = extra
         (Path(tmp) / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
@@ -195,7 +197,7 @@ def _save_lora(model, tmp: Path, state_dict: Optional[dict] = None) -> dict:
 
 def check_adapter_fits(adapter_dir: os.PathLike, base_model: nn.Module) -> Optional[dict]:
     """Validate an adapter folder against a base before loading it; returns its manifest (None if absent)."""
-    from ..tuners.state_tuning import STATE_FILE, check_states, load_state_any, model_sizes
+    from ..tuners.state_tuning import STATE_FILE, check_state_version, check_states, load_state_any, model_sizes
 
     adapter_dir = Path(adapter_dir)
     if not adapter_dir.is_dir():
@@ -212,7 +214,8 @@ def check_adapter_fits(adapter_dir: os.PathLike, base_model: nn.Module) -> Optio
                                        f"{manifest['format_version']}, this rwkv-peft reads up to {FORMAT_VERSION}")
         check_sizes(manifest.get("base", {}), base_model, str(adapter_dir))
     if has_state:
-        states, _ = load_state_any(adapter_dir / STATE_FILE)
+        states, meta = load_state_any(adapter_dir / STATE_FILE)
+        check_state_version(meta.get("architecture"), base_model, where=str(adapter_dir / STATE_FILE))
         check_states(states, model_sizes(base_model), where=str(adapter_dir / STATE_FILE))
     if has_lora:
         _check_lora_shapes(adapter_dir, base_model)
@@ -258,11 +261,9 @@ def _check_lora_shapes(adapter_dir: Path, base_model: nn.Module) -> None:
 
 def load_adapter(base_model: nn.Module, adapter_dir: os.PathLike, is_trainable: bool = False,
                  adapter_name: str = "default"):
-    """Load LoRA and/or state from one folder onto ``base_model`` (a plain RWKV-7 model); returns the model
-    (a ``PeftModel`` when the folder holds LoRA). Sizes are checked against the base first."""
-    from ..tuners.state_tuning import (
-        STATE_FILE, StateTuningConfig, load_state_any, mark_states_trainable, model_sizes, set_states, unwrap,
-    )
+    """Load LoRA and/or state from one folder onto ``base_model`` (a plain model of any version); returns the
+    model (a ``PeftModel`` when the folder holds LoRA). Version and sizes are checked against the base first."""
+    from ..tuners.state_tuning import STATE_FILE, config_for, load_state_any, mark_states_trainable, set_states, unwrap
 
     adapter_dir = Path(adapter_dir)
     from peft import PeftModel
@@ -285,13 +286,10 @@ def load_adapter(base_model: nn.Module, adapter_dir: os.PathLike, is_trainable: 
             base._rwkv_lora = {k: v for k, v in lora_meta.items() if k not in ("file", "config", "peft_type")}
     if (adapter_dir / STATE_FILE).is_file():
         states, meta = load_state_any(adapter_dir / STATE_FILE)
-        set_states(model, states)
+        set_states(model, states, meta.get("architecture"), where=str(adapter_dir / STATE_FILE))
         for p in (m.time_state for m in _mixes(model)):
             p.requires_grad_(is_trainable)
-        sizes = model_sizes(model)
-        cfg = StateTuningConfig(init=str(adapter_dir / STATE_FILE), num_hidden_layers=sizes["num_hidden_layers"],
-                                num_heads=sizes["num_heads"], head_size=sizes["head_size"],
-                                hidden_size=sizes["hidden_size"])
+        cfg = config_for(model, init=str(adapter_dir / STATE_FILE))
         if is_trainable:
             unwrap(model)._rwkv_state_tuning = cfg
             mark_states_trainable(model)

@@ -1,4 +1,4 @@
-"""State tuning: train only each layer's initial WKV state ``[H, N, N]``.
+"""State tuning: train only each layer's initial WKV state ``[H, N, N]`` (RWKV-7, RWKV-6, RWKV-5.2).
 
 Design
 ------
@@ -6,10 +6,10 @@ peft's method registry is closed: ``register_peft_method`` refuses any name outs
 "state tuning" peft method would need a patched enum, which breaks whenever peft reorganises its internals. We
 therefore keep state tuning as our own small tuner *beside* peft:
 
-* the trainable parameters are the base model's own ``att.time_state`` (one per ``RWKV7TimeMix``; the model
-  starts every sequence from it when ``config.use_initial_state`` is set). peft never wraps or copies them, so a
-  ``PeftModel`` reaches them by plain attribute access through ``get_base_model()`` and LoRA + state compose in
-  one model without either library knowing about the other;
+* the trainable parameters are the base model's own ``att.time_state`` (one per time mix of the version's
+  class; the model starts every sequence from it when ``config.use_initial_state`` is set). peft never wraps or
+  copies them, so a ``PeftModel`` reaches them by plain attribute access through ``get_base_model()`` and LoRA +
+  state compose in one model without either library knowing about the other;
 * ``apply_state_tuning`` creates the parameters where the model has none, marks them trainable (after
   ``get_peft_model`` too, which freezes every non-LoRA parameter) and records a ``StateTuningConfig`` on the
   base model;
@@ -17,8 +17,13 @@ therefore keep state tuning as our own small tuner *beside* peft:
   / ``adapter_model.safetensors``, self-describing through its safetensors metadata (architecture, layers,
   heads, head size, layout), and exported to the runtime ``.pth`` format (``blocks.N.att.time_state``).
 
-Layout: ``S[h, value, key]`` - the official ``rwkv`` package's v7 layout, which is also our model's, so the
-runtime export is a rename with no transpose.
+What differs per version lives in its ``rwkv_peft.versions.Version`` entry (``state_layout``, ``state_file_key``,
+``state_file_layout``, ``runtime_state_layout``); this module asks it. Today every version keeps its parameter
+and its runtime file in ``S[h, value, key]`` (so the export is a rename with no transpose); the official package
+runs RWKV-7 on that layout and RWKV-5/6 on its transpose ``S[h, key, value]``, which it (and RWKV-Runner) makes
+from the file by ``.transpose(1, 2)``. A state only fits the version it was trained on: our state file records
+the version, and loading it onto another version's model is refused (a runtime ``.pth`` carries no version, so
+only its sizes are checked).
 """
 from __future__ import annotations
 
@@ -32,13 +37,14 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from .. import versions
 from ..errors import RWKVPeftError
 
 STATE_FILE = "state_adapter.safetensors"
-STATE_LAYOUT = "[H, N(value), N(key)]"
-ARCHITECTURE = "rwkv7"
+STATE_LAYOUT = versions.VALUE_KEY  # RWKV-7's; each version's own is ``Version.state_layout``
+ARCHITECTURE = versions.DEFAULT.name  # what a state file that names no version was written for (older files)
 STATE_KEY = "blocks.{}.att.time_state"
-_STATE_KEY_RE = re.compile(r"blocks\.(\d+)\.att\.time_state")
+_STATE_KEY_RE = re.compile(re.escape(versions.DEFAULT.state_file_key).replace(r"\{layer\}", r"(\d+)"))
 
 
 class StateMismatchError(RWKVPeftError, ValueError):
@@ -66,7 +72,7 @@ class StateTuningConfig:
 # ---- finding the RWKV model and its time mixes -----------------------------------------------------------------
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The ``RWKV7ForCausalLM`` (or ``RWKV7Model``) under a ``PeftModel`` / ``LoraModel`` wrapper."""
+    """The ``RWKV<N>ForCausalLM`` (or ``RWKV<N>Model``) under a ``PeftModel`` / ``LoraModel`` wrapper."""
     seen = 0
     while hasattr(model, "get_base_model") and seen < 4:
         inner = model.get_base_model()
@@ -78,7 +84,6 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def time_mixes(model: nn.Module) -> List[nn.Module]:
     """The model's time-mix layers, by layer; refuses a version whose state tuning is not wired in."""
-    from .. import versions
     base = unwrap(model)
     version = versions.of(base)
     wired = [v.title for v in versions.VERSIONS if v.state_tuning]
@@ -93,8 +98,8 @@ def time_mixes(model: nn.Module) -> List[nn.Module]:
 
 def model_sizes(model: nn.Module) -> dict:
     cfg = unwrap(model).config
-    return {"architecture": ARCHITECTURE, "num_hidden_layers": cfg.num_hidden_layers, "num_heads": cfg.num_heads,
-            "head_size": cfg.head_size, "hidden_size": cfg.hidden_size}
+    return {"architecture": versions.of(cfg).name, "num_hidden_layers": cfg.num_hidden_layers,
+            "num_heads": cfg.num_heads, "head_size": cfg.head_size, "hidden_size": cfg.hidden_size}
 
 
 def trained_initial_states(model: nn.Module) -> List[nn.Parameter]:
@@ -114,7 +119,7 @@ def add_initial_state(model: nn.Module, dtype: torch.dtype = torch.float32) -> n
     for m in time_mixes(model):
         ts = getattr(m, "time_state", None)
         if ts is None:
-            device = m.r_k.device if m.r_k.device.type != "meta" else torch.device("cpu")
+            device = next((p.device for p in m.parameters() if p.device.type != "meta"), torch.device("cpu"))
             m.time_state = nn.Parameter(torch.zeros(m.num_heads, m.head_size, m.head_size, dtype=dtype,
                                                     device=device), requires_grad=False)
         elif ts.dtype != dtype:
@@ -149,9 +154,26 @@ def check_states(states: Sequence[torch.Tensor], sizes: dict, where: str = "stat
                                      f"the model {N}x{N}")
 
 
-def set_states(model: nn.Module, states: Sequence[torch.Tensor]) -> nn.Module:
-    """Copy ``states`` (``[H, N, N]`` each) into the model's initial states, creating them where missing."""
-    check_states(states, model_sizes(model))
+def check_state_version(architecture: Optional[str], model: nn.Module, where: str = "state") -> None:
+    """Raise ``StateMismatchError`` when a state recorded for one version (``architecture``: "rwkv6") is put on
+    a model of another; ``None`` (a runtime ``.pth``, which records no version) passes."""
+    if architecture is None:
+        return
+    have = versions.of(unwrap(model))
+    if architecture != have.name:
+        theirs = versions.by_name(architecture)
+        raise StateMismatchError(
+            f"{where}: version differs: the state was trained on {theirs.title if theirs else architecture} "
+            f"({architecture}), the model is {have.title} ({have.name}); a state only fits the RWKV version it "
+            f"was trained on")
+
+
+def set_states(model: nn.Module, states: Sequence[torch.Tensor], architecture: Optional[str] = None,
+               where: str = "state") -> nn.Module:
+    """Copy ``states`` (``[H, N, N]`` each, in the version's ``state_layout``) into the model's initial states,
+    creating them where missing. ``architecture``: the version the states were recorded for (checked)."""
+    check_state_version(architecture, model, where)
+    check_states(states, model_sizes(model), where)
     add_initial_state(model)
     with torch.no_grad():
         for m, s in zip(time_mixes(model), states):
@@ -175,8 +197,8 @@ def apply_state_tuning(model: nn.Module, init: Union[str, os.PathLike] = "zeros"
         if not Path(init).exists():
             raise ValueError(f"state init {str(init)!r}: expected 'zeros', 'keep' or a path to a state file "
                              f"(no such file or folder)")
-        states, _ = load_state_any(init)
-        set_states(model, states)
+        states, meta = load_state_any(init, versions.of(base).name)
+        set_states(model, states, meta.get("architecture"), where=str(init))
         init_name = str(init)
     elif str(init) == "zeros":
         with torch.no_grad():
@@ -195,11 +217,16 @@ def apply_state_tuning(model: nn.Module, init: Union[str, os.PathLike] = "zeros"
             p.requires_grad_(False)
     for m in time_mixes(model):
         m.time_state.requires_grad_(True)
-    sizes = model_sizes(model)
-    base._rwkv_state_tuning = StateTuningConfig(
-        init=init_name, trainable_only=trainable_only, num_hidden_layers=sizes["num_hidden_layers"],
-        num_heads=sizes["num_heads"], head_size=sizes["head_size"], hidden_size=sizes["hidden_size"])
+    base._rwkv_state_tuning = config_for(model, init=init_name, trainable_only=trainable_only)
     return model
+
+
+def config_for(model: nn.Module, **kw) -> StateTuningConfig:
+    """The ``StateTuningConfig`` describing ``model``'s states (version, sizes, layout)."""
+    sizes = model_sizes(model)
+    return StateTuningConfig(**kw, architecture=sizes["architecture"], num_hidden_layers=sizes["num_hidden_layers"],
+                             num_heads=sizes["num_heads"], head_size=sizes["head_size"],
+                             hidden_size=sizes["hidden_size"], layout=versions.of(unwrap(model)).state_layout)
 
 
 def state_tuning_config(model: nn.Module) -> Optional[StateTuningConfig]:
@@ -218,20 +245,33 @@ def mark_states_trainable(model: nn.Module) -> None:
 
 def _metadata(sizes: dict, extra: Optional[dict] = None) -> Dict[str, str]:
     from .. import __version__
-    meta = {"format": "pt", "architecture": ARCHITECTURE, "version": "7", "layout": STATE_LAYOUT,
+    version = versions.by_name(sizes.get("architecture"))
+    meta = {"format": "pt", "layout": (version or versions.DEFAULT).state_layout,
             "layers": str(sizes["num_hidden_layers"]), "heads": str(sizes["num_heads"]),
             "head_size": str(sizes["head_size"]), "hidden_size": str(sizes["hidden_size"]),
-            "key_format": "blocks.{layer}.att.time_state", "dtype": "float32", "rwkv_peft_version": __version__}
+            "key_format": (version or versions.DEFAULT).state_file_key, "dtype": "float32",
+            "rwkv_peft_version": __version__}
+    if version is not None:  # a state of unknown version (from a runtime .pth) records none
+        meta.update(architecture=version.name, version=version.blinkdl,
+                    runtime_layout=version.runtime_state_layout)
     if extra:
         meta["state_tuning"] = json.dumps(extra, sort_keys=True)
     return meta
 
 
-def states_to_dict(states: Sequence[torch.Tensor]) -> Dict[str, torch.Tensor]:
-    return {STATE_KEY.format(i): s.detach().float().cpu().contiguous() for i, s in enumerate(states)}
+def states_to_dict(states: Sequence[torch.Tensor], version: Optional[versions.Version] = None
+                   ) -> Dict[str, torch.Tensor]:
+    """``{'blocks.N.att.time_state': [H, N, N] fp32}``: the runtime state file of ``version`` (its key and
+    ``state_file_layout``) from states in its ``state_layout``; ``None``: the tensors as they are."""
+    if version is None:
+        return {STATE_KEY.format(i): s.detach().float().cpu().contiguous() for i, s in enumerate(states)}
+    return {version.state_key(i): version.state_to_file(s.detach().float().cpu()).contiguous()
+            for i, s in enumerate(states)}
 
 
-def states_from_dict(sd: Dict[str, torch.Tensor], where: str) -> List[torch.Tensor]:
+def states_from_dict(sd: Dict[str, torch.Tensor], where: str,
+                     version: Optional[versions.Version] = None) -> List[torch.Tensor]:
+    """The states (in ``version``'s ``state_layout``; ``None``: as stored) of a state dict."""
     found = {}
     for k, v in sd.items():
         m = _STATE_KEY_RE.fullmatch(k)
@@ -243,22 +283,27 @@ def states_from_dict(sd: Dict[str, torch.Tensor], where: str) -> List[torch.Tens
     if missing:
         raise StateMismatchError(f"{where}: layers differ: no state for layer {missing[0]} "
                                  f"(found layers {sorted(found)})")
-    return [found[i].float() for i in range(len(found))]
+    states = [found[i].float() for i in range(len(found))]
+    return states if version is None else [version.state_from_file(x) for x in states]
 
 
-def sizes_of_states(states: Sequence[torch.Tensor]) -> dict:
+def sizes_of_states(states: Sequence[torch.Tensor], architecture: Optional[str] = None) -> dict:
+    """The sizes of ``states``; ``architecture``: the version they were recorded for (None: unknown)."""
     H, N = states[0].shape[0], states[0].shape[-1]
-    return {"architecture": ARCHITECTURE, "num_hidden_layers": len(states), "num_heads": H, "head_size": N,
+    return {"architecture": architecture, "num_hidden_layers": len(states), "num_heads": H, "head_size": N,
             "hidden_size": H * N}
 
 
-def save_state_file(states: Sequence[torch.Tensor], path: os.PathLike, extra: Optional[dict] = None) -> None:
-    """Our state adapter: safetensors with ``blocks.N.att.time_state`` [H, N, N] fp32 and metadata (atomic)."""
+def save_state_file(states: Sequence[torch.Tensor], path: os.PathLike, extra: Optional[dict] = None,
+                    architecture: Optional[str] = None) -> None:
+    """Our state adapter: safetensors with ``blocks.N.att.time_state`` [H, N, N] fp32 (the version's
+    ``state_layout``) and metadata naming the version (``architecture``: "rwkv6"; None: unknown) (atomic)."""
     from safetensors.torch import save_file
     from ..convert import atomic_path
-    check_states(states, sizes_of_states(states), where=str(path))
+    sizes = sizes_of_states(states, architecture)
+    check_states(states, sizes, where=str(path))
     with atomic_path(path) as tmp:
-        save_file(states_to_dict(states), str(tmp), metadata=_metadata(sizes_of_states(states), extra))
+        save_file(states_to_dict(states), str(tmp), metadata=_metadata(sizes, extra))
 
 
 def read_state_file(path: os.PathLike) -> Tuple[List[torch.Tensor], dict]:
@@ -271,41 +316,51 @@ def read_state_file(path: os.PathLike) -> Tuple[List[torch.Tensor], dict]:
             sd = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:
         raise StateMismatchError(f"{path}: not a readable safetensors state file ({type(e).__name__}: {e})") from e
-    arch = meta.get("architecture", ARCHITECTURE)
-    if arch != ARCHITECTURE:
-        raise StateMismatchError(f"{path}: architecture differs: the file says {arch!r}, this tuner handles "
-                                 f"{ARCHITECTURE!r}")
-    states = states_from_dict(sd, str(path))
-    sizes = sizes_of_states(states)
+    arch = meta.get("architecture")
+    if arch is not None:
+        version = versions.by_name(arch)
+        if version is None or not version.state_tuning:
+            wired = ", ".join(repr(v.name) for v in versions.VERSIONS if v.state_tuning)
+            raise StateMismatchError(f"{path}: architecture differs: the file says {arch!r}; states are read for "
+                                     f"{wired}")
+    states = states_from_dict(sd, str(path))  # stored in the version's state_layout (the parameter's)
+    sizes = sizes_of_states(states, arch)
     for key, name in (("layers", "num_hidden_layers"), ("heads", "num_heads"), ("head_size", "head_size")):
         if key in meta and int(meta[key]) != sizes[name]:
             raise StateMismatchError(f"{path}: {key} differ: metadata says {meta[key]}, tensors give {sizes[name]}")
     return states, meta
 
 
-def export_state_pth(model_or_states, path: os.PathLike) -> None:
-    """Write the runtime state file: ``{'blocks.N.att.time_state': [H, N, N] fp32}`` as a ``.pth`` (the keys and
-    layout RWKV runtimes load). Accepts a model (plain or PeftModel), a list of states, or a state file/folder."""
+def export_state_pth(model_or_states, path: os.PathLike, architecture: Optional[str] = None) -> None:
+    """Write the runtime state file of the states' version: ``{'blocks.N.att.time_state': [H, N, N] fp32}`` as a
+    ``.pth`` (the keys and layout RWKV runtimes load: ``Version.state_file_key`` / ``state_file_layout``).
+    Accepts a model (plain or PeftModel), a list of states (``architecture`` names their version; RWKV-7 when
+    None), or a state file/folder (its recorded version)."""
     from ..convert import save_pth
     if isinstance(model_or_states, nn.Module):
-        states = get_states(model_or_states)
+        states, architecture = get_states(model_or_states), versions.of(unwrap(model_or_states)).name
     elif isinstance(model_or_states, (str, os.PathLike)):
-        states, _ = load_state_any(model_or_states)
+        states, meta = load_state_any(model_or_states)
+        architecture = architecture or meta.get("architecture")
     else:
         states = list(model_or_states)
     check_states(states, sizes_of_states(states), where=str(path))
-    save_pth(states_to_dict(states), path)
+    save_pth(states_to_dict(states, versions.by_name(architecture) or versions.DEFAULT), path)
 
 
-def load_state_pth(path: os.PathLike) -> List[torch.Tensor]:
-    """Read a runtime state ``.pth`` (only its ``blocks.N.att.time_state`` keys; a whole checkpoint works too)."""
+def load_state_pth(path: os.PathLike, architecture: Optional[str] = None) -> List[torch.Tensor]:
+    """Read a runtime state ``.pth`` (only its ``blocks.N.att.time_state`` keys; a whole checkpoint works too),
+    as states in the layout of version ``architecture`` (RWKV-7 when None; the file records no version)."""
     from ..convert import load_pth
     sd = load_pth(path)
-    return states_from_dict({k: v for k, v in sd.items() if k.endswith("att.time_state")}, str(path))
+    return states_from_dict({k: v for k, v in sd.items() if k.endswith("att.time_state")}, str(path),
+                            versions.by_name(architecture))
 
 
-def load_state_any(path: os.PathLike) -> Tuple[List[torch.Tensor], dict]:
-    """A runtime ``.pth``, our ``.safetensors`` state adapter, or an adapter folder holding one."""
+def load_state_any(path: os.PathLike, architecture: Optional[str] = None) -> Tuple[List[torch.Tensor], dict]:
+    """A runtime ``.pth``, our ``.safetensors`` state adapter, or an adapter folder holding one; returns (states
+    in their version's ``state_layout``, metadata with ``architecture``: the recorded version or None).
+    ``architecture``: the version a runtime ``.pth`` (which records none) is read as (its layouts)."""
     path = Path(path)
     if path.is_dir():
         if not (path / STATE_FILE).is_file():
@@ -315,8 +370,9 @@ def load_state_any(path: os.PathLike) -> Tuple[List[torch.Tensor], dict]:
         raise FileNotFoundError(f"{path}: no such state file")
     if path.suffix == ".safetensors":
         return read_state_file(path)
-    states = load_state_pth(path)
-    return states, {"architecture": ARCHITECTURE, "layout": STATE_LAYOUT}
+    states = load_state_pth(path, architecture)  # a runtime file records no version: only sizes can be checked
+    version = versions.by_name(architecture) or versions.DEFAULT
+    return states, {"architecture": None, "layout": version.state_layout}
 
 
 def combine_states(states_list: Sequence[Sequence[torch.Tensor]], weights: Sequence[float]) -> List[torch.Tensor]:
@@ -330,7 +386,7 @@ def combine_states(states_list: Sequence[Sequence[torch.Tensor]], weights: Seque
     """
     if len(states_list) != len(weights):
         raise ValueError(f"{len(states_list)} states but {len(weights)} weights")
-    first = sizes_of_states(states_list[0])
+    first = sizes_of_states(states_list[0])  # (versions are checked where the states are read)
     for i, st in enumerate(states_list[1:], 1):
         check_states(st, first, where=f"state #{i}")
     return [sum(float(w) * st[layer].float() for st, w in zip(states_list, weights))
