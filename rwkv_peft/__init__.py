@@ -9,6 +9,7 @@ quiet.install()  # before anything imports peft (which imports bitsandbytes)
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
+from .models.rwkv4 import RWKV4Config, RWKV4ForCausalLM, RWKV4Model
 from .models.rwkv5 import RWKV5Config, RWKV5ForCausalLM, RWKV5Model
 from .models.rwkv6 import RWKV6Config, RWKV6ForCausalLM, RWKV6Model
 from .models.rwkv7 import RWKV7Config, RWKV7ForCausalLM, RWKV7Model
@@ -26,4 +27,5 @@ for _v in VERSIONS:  # every version in rwkv_peft.versions, with the World token
 
 __all__ = ["RWKV7Config", "RWKV7Model", "RWKV7ForCausalLM", "RWKV6Config", "RWKV6Model", "RWKV6ForCausalLM",
            "RWKV5Config", "RWKV5Model", "RWKV5ForCausalLM",
+           "RWKV4Config", "RWKV4Model", "RWKV4ForCausalLM",
            "RWKVWorldTokenizer", "__version__"]

@@ -129,6 +129,11 @@ VERSIONS: Tuple[Version, ...] = (
     Version("rwkv5", "RWKV-5.2", "5.2", "RWKV5",  # no low-rank maps: "all" is the default set
             _presets((*_ATTENTION, "att.gate"), (*_FFN, "ffn.receptance")),
             state_tuning=True, runtime_state_layout=KEY_VALUE, runtime_reads_checkpoint_state=True),
+    # RWKV-4: no heads, no gate, no low-rank maps ("all" is the default set); its WKV state is three vectors per
+    # channel (numerator, denominator, shared exponent: [B, 3, A]), no matrix state to learn, so no state tuning
+    Version("rwkv4", "RWKV-4", "4", "RWKV4",
+            _presets(_ATTENTION, (*_FFN, "ffn.receptance")), state_tuning=False,
+            notes="WKV state per layer: (aa, bb, pp) stacked as [B, 3, attention_hidden_size]"),
 )
 DEFAULT = VERSIONS[0]
 

@@ -9,10 +9,12 @@ import rwkv_peft
 from rwkv_peft import errors, versions
 from rwkv_peft.convert import causal_lm_class, load_any, to_blinkdl
 from tests.factories import make_blinkdl_v7
+from tests.factories_v4 import make_blinkdl_v4
 from tests.factories_v5 import make_blinkdl_v5
 from tests.factories_v6 import make_blinkdl_v6
 
-FACTORIES = {"rwkv7": make_blinkdl_v7, "rwkv6": make_blinkdl_v6, "rwkv5": make_blinkdl_v5}
+FACTORIES = {"rwkv7": make_blinkdl_v7, "rwkv6": make_blinkdl_v6, "rwkv5": make_blinkdl_v5,
+             "rwkv4": make_blinkdl_v4}
 
 
 @pytest.fixture(params=[v.name for v in versions.VERSIONS])

@@ -9,6 +9,7 @@ import torch
 from rwkv_peft import versions
 from rwkv_peft.cli import main
 from tests.factories import make_blinkdl_v7
+from tests.factories_v4 import make_blinkdl_v4
 from tests.factories_v5 import make_blinkdl_v5
 from tests.factories_v6 import make_blinkdl_v6
 from tests.training.helpers import VOCAB
@@ -19,6 +20,7 @@ CHECKPOINTS = {  # a tiny random .pth of each version, the byte tokenizer's voca
     "rwkv7-deepembed": lambda: make_blinkdl_v7(VOCAB, 64, 2, head_size=32, deep_embed=32),
     "rwkv6": lambda: make_blinkdl_v6(VOCAB, 64, 2, head_size=32),
     "rwkv5": lambda: make_blinkdl_v5(VOCAB, 64, 2, head_size=32),
+    "rwkv4": lambda: make_blinkdl_v4(VOCAB, 64, 2),
 }
 
 
@@ -34,7 +36,7 @@ def tok_dir(tmp_path, tok):
 def test_train_eval_merge_generate(name, tmp_path, chat_file, tok_dir, capsys):
     pth = tmp_path / f"{name}.pth"
     torch.save(CHECKPOINTS[name](), pth)
-    version = versions.by_blinkdl({"rwkv7": "7", "rwkv6": "6", "rwkv5": "5.2"}[name.split("-")[0]])
+    version = versions.by_blinkdl({"rwkv7": "7", "rwkv6": "6", "rwkv5": "5.2", "rwkv4": "4"}[name.split("-")[0]])
     sets = ["method.lora.enabled=true", "method.lora.targets=all", "train.max_steps=8", "train.eval_every=8",
             "train.save_every=8"]
     if version.state_tuning:
