@@ -26,7 +26,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .wkv7 import KERNEL_ENV, MAX_CHUNK_LOG_DECAY, _BACKENDS, _initial_state, _state_dtype
+from .wkv7 import KERNEL_ENV, MAX_CHUNK_LOG_DECAY, _BACKENDS, _initial_state, _run_in_blocks, _state_dtype
 
 Tensor = torch.Tensor
 
@@ -70,13 +70,23 @@ def wkv6_chunked(r, w, k, v, u, initial_state: Optional[Tensor] = None,
     ``exp(-60)`` that factor is a product of two factors inside fp32's range (one matmul); otherwise
     ``_intra_chunk_scores`` forms it from sums of ``w`` that are each <= 0, so no decay however close to 0
     overflows or loses the size-1 terms to rounding. Only the chunk-to-chunk state update runs sequentially.
+    Long sequences run ``BLOCK_TOKENS`` tokens at a time with the state carried (``wkv7._run_in_blocks``):
+    forward and backward cost linear in T.
     """
     B, T, H, N = _check_inputs(r, w, k, v, u)
     in_dtype, dt = r.dtype, _state_dtype(r)
     S = _initial_state(initial_state, B, H, N, r)
+    o, S = _run_in_blocks(_wkv6_block, [x.to(dt) for x in (r, w, k, v)], S, chunk_size, u.to(dt))
+    return o.to(in_dtype), S
+
+
+def _wkv6_block(r, w, k, v, S, chunk_size: int, u) -> Tuple[Tensor, Tensor]:
+    """``wkv6_chunked`` on one block of inputs ``[B, T, H, N]`` (already in the state's dtype) from state ``S``."""
+    B, T, H, N = r.shape
+    dt = r.dtype
     L = chunk_size
     pad = (-T) % L
-    xs = [x.to(dt) for x in (r, w, k, v)]
+    xs = [r, w, k, v]
     if pad:  # zero inputs with zero log-decay leave the state untouched
         xs = [torch.nn.functional.pad(x, (0, 0, 0, 0, 0, pad)) for x in xs]
     n = (T + pad) // L
@@ -103,13 +113,16 @@ def wkv6_chunked(r, w, k, v, u, initial_state: Optional[Tensor] = None,
     k_end = k * torch.exp(g_after)                                       # writes decayed to the chunk end
     d_end = torch.exp(g_last).transpose(-1, -2)                          # [B, H, n, Nk, 1]
 
+    # Cut every per-chunk tensor into its n chunks once (views): the backward of one ``unbind`` stacks the n
+    # chunk gradients into one tensor, where indexing ``x[:, :, i]`` in the loop would give every chunk's
+    # backward a zero-filled gradient the size of the whole sequence (O(T) per chunk, O(T^2) in all).
     outs = []
-    for i in range(n):
-        outs.append(r_dec[:, :, i] @ S + O_loc[:, :, i])                 # [B, H, L, Nv]
-        S = d_end[:, :, i] * S + k_end[:, :, i].transpose(-1, -2) @ v[:, :, i]
+    for r_dec_i, O_loc_i, d_end_i, k_end_i, v_i in zip(*(x.unbind(2) for x in (r_dec, O_loc, d_end, k_end, v))):
+        outs.append(r_dec_i @ S + O_loc_i)                               # [B, H, L, Nv]
+        S = d_end_i * S + k_end_i.transpose(-1, -2) @ v_i
     o = torch.stack(outs, dim=2)                                         # [B, H, n, L, N]
     o = o.permute(0, 2, 3, 1, 4).reshape(B, n * L, H, N)[:, :T]
-    return o.to(in_dtype), S
+    return o, S
 
 
 def _segment_sums(x: Tensor) -> Tensor:
