@@ -158,6 +158,9 @@ class LongContextSection(Section):
     grad_chunks: int = Field(1, gt=0, description="chunks the gradient flows through before the carried state "
                                                   "is detached (1 = truncated backprop per chunk; memory grows "
                                                   "with this number)")
+    recompute: bool = Field(False, description="carry the gradient through the whole row at the memory of one "
+                                               "chunk: each chunk is run again in the backward from the state "
+                                               "saved at its start (about 1.3x the compute; grad_chunks unused)")
 
 
 class DataSection(Section):

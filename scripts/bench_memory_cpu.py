@@ -11,6 +11,8 @@ Loss paths:
   full     out = model(input_ids=ids); F.cross_entropy(out.logits.float().reshape(-1, V), targets.reshape(-1))
            - the [B, T, V] logits exist (in fp32 ``.float()`` is the same tensor, no copy);
   chunked  model(input_ids=ids, labels=ids, return_logits=False, loss_chunk_size=N) - never holds [B, T, V].
+  recompute  the training step's chunk mode with long_context.recompute (rwkv_peft.training.step): --chunk-len
+           tokens per forward, the gradient through the whole row, each chunk run again in the backward.
 
 RSS counts what glibc's malloc keeps after tensors are freed (0.6-0.7 GB more than the live tensors at 2 x 2048);
 MALLOC_MMAP_THRESHOLD_=1048576 in the environment (each case inherits it; the JSON records MALLOC_* variables)
@@ -20,6 +22,7 @@ hands blocks of 1 MB and more back to the system at once. Timing: one thread cou
     python scripts/bench_memory_cpu.py --T 2048 --paths chunked --loss-chunk-size 256 --json out.json
     MALLOC_MMAP_THRESHOLD_=1048576 python scripts/bench_memory_cpu.py --checkpointing --loss-chunk-size 256
     python scripts/bench_memory_cpu.py --vocab 300 --width 64 --layers 1 --T 32 --batch 1   # a tiny smoke run
+    python scripts/bench_memory_cpu.py --paths recompute --batch 1 --T 4096,16384,65536 --chunk-len 4096
 """
 from __future__ import annotations
 
@@ -40,7 +43,7 @@ for p in (str(HERE.parent), str(HERE)):
 
 from bench_memory import count_params  # noqa: E402  (counts parameters on the meta device)
 
-PATHS = ("full", "chunked")
+PATHS = ("full", "chunked", "recompute")
 
 
 # ---- the model ------------------------------------------------------------------------------------------------------
@@ -102,9 +105,27 @@ def step_loss(model, ids, path: str, loss_chunk_size: int):
     return model(input_ids=ids, labels=ids, return_logits=False, loss_chunk_size=loss_chunk_size).loss
 
 
-def train_step(model, opt, ids, path: str, loss_chunk_size: int) -> float:
-    loss = step_loss(model, ids, path, loss_chunk_size)
-    loss.backward()
+def recompute_step(model, ids, chunk_len: int, loss_chunk_size):
+    """Forward and backward of the whole row in chunk mode with recompute, as the training loop runs it."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from rwkv_peft.training.step import micro_batch_loss, trained_tokens
+    acc = SimpleNamespace(device=ids.device, distributed_type="NO", scaler=None, backward=lambda x: x.backward(),
+                          no_sync=lambda m: contextlib.nullcontext())
+    batch = {"input_ids": ids, "labels": ids}
+    lc = SimpleNamespace(chunk_len=chunk_len, grad_chunks=1, recompute=True)
+    denom = float(trained_tokens(batch))
+    return micro_batch_loss(acc, model, batch, denom, lc, chunked=True, sync=True,
+                            loss_chunk_size=loss_chunk_size) / denom
+
+
+def train_step(model, opt, ids, path: str, loss_chunk_size: int, chunk_len: int = 4096) -> float:
+    if path == "recompute":
+        loss = recompute_step(model, ids, chunk_len, loss_chunk_size)
+    else:
+        loss = step_loss(model, ids, path, loss_chunk_size)
+        loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
     return float(loss.detach())
@@ -137,13 +158,14 @@ def run_case(args) -> dict:
     times, losses = [], []
     for _ in range(2):  # one warm-up step, one timed step
         t0 = time.perf_counter()
-        losses.append(train_step(model, opt, ids, args.path, args.loss_chunk_size))
+        losses.append(train_step(model, opt, ids, args.path, args.loss_chunk_size, args.chunk_len))
         times.append(time.perf_counter() - t0)
     peak = peak_rss_bytes()
     return {
         "path": args.path, "T": args.T, "batch": args.batch, "vocab": args.vocab, "width": args.width,
         "layers": args.layers, "params": params, "trainable_params": sum(p.numel() for p in trainable),
-        "lora_r": args.lora_r, "loss_chunk_size": args.loss_chunk_size if args.path == "chunked" else None,
+        "lora_r": args.lora_r, "loss_chunk_size": args.loss_chunk_size if args.path != "full" else None,
+        "chunk_len": args.chunk_len if args.path == "recompute" else None,
         "checkpointing": args.checkpointing, "threads": torch.get_num_threads(),
         "baseline_rss": baseline, "build_peak_rss": build_peak, "peak_rss": peak, "step_rss_over_baseline":
         peak - baseline, "rss_after": rss_bytes(), "warmup_s": times[0], "step_s": times[1], "loss": losses,
@@ -157,6 +179,7 @@ def run_in_subprocess(args, path: str, T: int) -> dict:
            "--lora-r", str(args.lora_r), "--threads", str(args.threads)]
     cmd += ["--checkpointing"] if args.checkpointing else []
     cmd += ["--loss-chunk-size", str(args.loss_chunk_size)] if args.loss_chunk_size else []
+    cmd += ["--chunk-len", str(args.chunk_len)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     except subprocess.TimeoutExpired:
@@ -220,6 +243,8 @@ def main(argv=None) -> int:
     p.add_argument("--lora-r", type=int, default=16, help="LoRA rank (alpha = 2r; default 16)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in each case (default 2)")
     p.add_argument("--checkpointing", action="store_true", help="turn gradient checkpointing on (default off)")
+    p.add_argument("--chunk-len", type=int, default=4096, help="tokens per forward of the recompute path "
+                                                               "(default 4096)")
     p.add_argument("--timeout", type=int, default=1800, help="seconds per case (default 1800)")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # internal: one case in this process

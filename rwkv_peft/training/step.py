@@ -17,7 +17,8 @@ the batches to a common length, see ``batches.same_length``).
 Long-context chunk mode runs each row ``chunk_len`` tokens at a time, carrying the RWKV state from chunk to
 chunk. The gradient flows through the carried state within a window of ``grad_chunks`` chunks; then the
 window's loss is back-propagated, its graph freed and the state detached (truncated back-propagation through
-time). ``grad_chunks: 1`` keeps the memory of one chunk. A trained initial state (state tuning) is read before a
+time). ``grad_chunks: 1`` keeps the memory of one chunk. ``recompute: true`` instead carries the gradient
+through the whole row at the memory of one chunk (:func:`recomputed_row_loss`). A trained initial state (state tuning) is read before a
 row's first token, so it learns from the row's first window only; every later window adds a zero that reaches
 it, so that each backward (the synchronizing one included) reaches every trained parameter. FSDP2 needs no such
 zero (it reduces the gradients accumulated so far whatever the last backward reached; outside the forward its
@@ -71,6 +72,8 @@ def micro_batch_loss(acc, model, batch, denom: float, lc, chunked: bool, sync: b
     targets = shift_targets(batch["labels"])                                # [B, T] on the CPU (or the device)
     if lockstep:
         targets = targets.to(acc.device, non_blocking=True)
+    if chunked and getattr(lc, "recompute", False):
+        return recomputed_row_loss(acc, model, ids, targets, denom, lc.chunk_len, sync, loss_chunk_size)
     wins = windows(ids.shape[1], lc.chunk_len, lc.grad_chunks, chunked)
     starts = trained_initial_states(model) if len(wins) > 1 and not lockstep else []  # FSDP2: see the doc
     total, state = None, None
@@ -90,6 +93,46 @@ def micro_batch_loss(acc, model, batch, denom: float, lc, chunked: bool, sync: b
         if state is not None:
             state = [tuple(t.detach() for t in layer) for layer in state]
     return total
+
+
+def recomputed_row_loss(acc, model, ids, targets, denom: float, chunk_len: int, sync: bool,
+                        loss_chunk_size: Optional[int] = None) -> torch.Tensor:
+    """Chunk mode with the gradient through the whole row at the memory of one chunk (``long_context.recompute``).
+
+    A forward without a graph keeps only the state at each chunk's start. Then, from the last chunk back, each
+    chunk runs again from its saved state with a graph and is back-propagated with its loss plus
+    ``<state it handed on, gradient the later chunks sent back>``; the gradient that reaches its starting state
+    goes to the chunk before. The gradients equal one pass over the row (up to rounding) for about 1.3x the
+    compute. The first chunk, from the initial (learned) state, runs last: its backward is the one DDP syncs.
+    ids, targets: [B, T]; returns the row's summed token loss, detached.
+    """
+    spans = chunk_spans(ids.shape[1], chunk_len)
+    saved = [None]                                                          # the state at each chunk's start
+    with torch.no_grad():
+        for s, e in spans[:-1]:
+            out = model(input_ids=ids[:, s:e], state=saved[-1], use_cache=True, logits_to_keep=1)
+            saved.append([tuple(t.detach() for t in layer) for layer in out.state])
+    scaler = getattr(acc, "scaler", None)  # fp16: the gradients that come back are scaled already
+    total, sent = None, None
+    for i in reversed(range(len(spans))):
+        (s, e), last = spans[i], sync and i == 0
+        state = None if i == 0 else [tuple(t.clone().requires_grad_(True) for t in layer) for layer in saved[i]]
+        with _sync_if(acc, model, last):
+            out = model(input_ids=ids[:, s:e], state=state, use_cache=True, shift_labels=targets[:, s:e],
+                        num_items_in_batch=1, return_logits=False, loss_chunk_size=loss_chunk_size)
+            objective = out.loss / denom
+            if sent is not None:
+                unscale = 1.0 / scaler.get_scale() if scaler is not None else 1.0
+                objective = objective + sum((t * g).sum() * unscale for t, g in zip(_flat(out.state), sent)
+                                            if g is not None and t.requires_grad)
+            acc.backward(objective)
+        sent = None if state is None else [t.grad for t in _flat(state)]
+        total = out.loss.detach() if total is None else total + out.loss.detach()
+    return total
+
+
+def _flat(state) -> List[torch.Tensor]:
+    return [t for layer in state for t in layer]
 
 
 def untouched(params) -> torch.Tensor:
