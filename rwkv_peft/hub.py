@@ -50,8 +50,10 @@ def build_model_card(folder: Path, repo_id: str, base_model: Optional[str] = Non
     if info["kind"] == "adapter":
         m = info["manifest"]
         contains = m.get("contains", {})
-        methods = [name for name, on in (("LoRA", contains.get("lora")), ("state tuning", contains.get("state"))) if on]
-        tags += ["lora"] * bool(contains.get("lora")) + ["state-tuning"] * bool(contains.get("state"))
+        methods = [name for name, on in (("LoRA", contains.get("lora")), ("MiSS", contains.get("miss")),
+                                          ("state tuning", contains.get("state"))) if on]
+        tags += (["lora"] * bool(contains.get("lora")) + ["miss"] * bool(contains.get("miss"))
+                 + ["state-tuning"] * bool(contains.get("state")))
         base = m.get("base", {})
         base_model = base_model or (base.get("path") if _looks_like_hub_id(base.get("path")) else None)
         sizes = ", ".join(f"{k} {base[k]}" for k in ("num_hidden_layers", "hidden_size", "num_heads", "head_size",
@@ -63,7 +65,7 @@ def build_model_card(folder: Path, repo_id: str, base_model: Optional[str] = Non
             "Or merge it into the base for any RWKV runtime: `rwkv-peft merge --base BASE --adapter "
             f"{repo_id} --out merged.pth`."
         )
-        library = "peft" if contains.get("lora") else "transformers"
+        library = "peft" if contains.get("lora") or contains.get("miss") else "transformers"
     else:
         cfg = info["config"]
         what = (f"An RWKV-7 model ({cfg.get('num_hidden_layers')} layers, width {cfg.get('hidden_size')}, "

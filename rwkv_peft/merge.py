@@ -1,4 +1,4 @@
-"""Merging adapters into a base: LoRA (peft's ``merge_and_unload``), states (into ``att.time_state``), several
+"""Merging adapters into a base: LoRA and MiSS (peft's ``merge_and_unload``), states (into ``att.time_state``), several
 adapters combined with weights (peft's ``add_weighted_adapter``; states by weighted sum).
 
 Rules:
@@ -82,7 +82,7 @@ def _finish(model: nn.Module) -> nn.Module:
     model = unwrap(model)
     for p in model.parameters():
         p.requires_grad_(False)
-    for attr in ("_rwkv_state_tuning", "_rwkv_lora", "_rwkv_lora_initial", "_rwkv_loaded_state"):
+    for attr in ("_rwkv_state_tuning", "_rwkv_lora", "_rwkv_miss", "_rwkv_lora_initial", "_rwkv_loaded_state"):
         if hasattr(model, attr):
             delattr(model, attr)
     return model.eval()
@@ -176,6 +176,10 @@ def _merge_loras(model, dirs: List[Path], weights: List[float], combine: str, de
         with peft_wrapping():
             peft_model = PeftModel.from_pretrained(model, str(dirs[0]))
         return peft_model.merge_and_unload()
+    not_lora = [str(d) for d in dirs if _peft_type(d) != "LORA"]
+    if not_lora:
+        raise MergeError(f"only LoRA adapters can be combined with weights (peft's add_weighted_adapter); "
+                         f"{', '.join(not_lora)} is not LoRA (MiSS): merge it on its own with weight 1")
     names = [f"adapter{i}" for i in range(len(dirs))]
     with peft_wrapping():
         peft_model = PeftModel.from_pretrained(model, str(dirs[0]), adapter_name=names[0])
@@ -207,6 +211,14 @@ def _merge_loras(model, dirs: List[Path], weights: List[float], combine: str, de
     return peft_model.merge_and_unload(adapter_names=["combined"])
 
 
+def _peft_type(adapter_dir: Path) -> str:
+    import json
+    try:
+        return str(json.loads((adapter_dir / "adapter_config.json").read_text()).get("peft_type", "LORA"))
+    except (OSError, ValueError) as e:
+        raise MergeError(f"{adapter_dir}/adapter_config.json: cannot read ({e})") from None
+
+
 def _unit_scaling(peft_model, name: str) -> None:
     """Give the combined adapter the scaling 1 peft means it to have: it sets ``lora_alpha = r`` because each
     adapter's scaling is already folded into the combined A, B, but keeps the first adapter's ``use_rslora``,
@@ -229,8 +241,8 @@ def save_merged(model: nn.Module, out: Union[str, os.PathLike], dtype: Optional[
     from .methods.loading import is_quantized, torch_dtype
 
     model = unwrap(model)
-    if _is_peft(model) or any("lora_" in n for n, _ in model.named_parameters()):
-        raise MergeError("the model still has LoRA layers; merge it first (merge_model / merge_adapters)")
+    if _is_peft(model) or any("lora_" in n or "miss_block" in n for n, _ in model.named_parameters()):
+        raise MergeError("the model still has LoRA / MiSS layers; merge it first (merge_model / merge_adapters)")
     if is_quantized(model):
         raise MergeError("the model is quantized; .pth and HF exports are written from full-precision weights "
                          "(merge_model reloads the base in full precision)")

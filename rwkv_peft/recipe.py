@@ -22,6 +22,7 @@ from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Union
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator,
                       model_validator)
+from typing_extensions import Annotated
 
 from .errors import RWKVPeftError
 
@@ -76,6 +77,18 @@ class ModelSection(Section):
 # ---- method ---------------------------------------------------------------------------------------------------
 
 LORA_TARGETS = ("default", "attention", "ffn", "all")
+TargetsField = Union[Literal["default", "attention", "ffn", "all"], List[str]]
+
+
+def _check_patterns(v: Optional[dict]) -> Optional[dict]:
+    """rank_pattern / alpha_pattern keys: regular expressions (peft matches each against a module name's tail)."""
+    for key in v or {}:
+        try:
+            re.compile(key)
+        except re.error as e:
+            raise ValueError(f"key {key!r} is not a valid regular expression ({e}); a key is a module name such as "
+                             f"'blocks.0.att.key' or a regex such as 'blocks\\.[0-3]\\.ffn\\.key'") from None
+    return v
 
 
 class LoraSection(Section):
@@ -83,11 +96,42 @@ class LoraSection(Section):
     r: int = Field(16, gt=0, description="rank")
     alpha: float = Field(32, gt=0, description="scaling numerator (scale = alpha / r, or alpha / sqrt(r) for rslora)")
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    targets: Union[Literal["default", "attention", "ffn", "all"], List[str]] = Field(
-        "default", description="default | attention | ffn | all | a list of module names")
+    targets: TargetsField = Field("default", description="default | attention | ffn | all | a list of module names")
     variant: Literal["lora", "dora", "rslora"] = "lora"
     modules_to_save: Optional[List[str]] = Field(None, description="modules trained in full beside the adapters")
     init: Optional[Literal["pissa", "olora", "gaussian"]] = Field(None, description="adapter initialisation")
+    rank_pattern: Dict[str, Annotated[int, Field(gt=0)]] = Field(
+        default_factory=dict, description="per-module ranks: {module name, its tail, or a regex: rank}, e.g. "
+                                          "{'blocks.0.att.key': 4, 'ffn\\.(key|value)': 32}; others keep r")
+    alpha_pattern: Dict[str, Annotated[float, Field(gt=0)]] = Field(
+        default_factory=dict, description="per-module alphas, keyed like rank_pattern; others keep alpha")
+
+    @field_validator("rank_pattern", "alpha_pattern")
+    @classmethod
+    def _patterns(cls, v):
+        return _check_patterns(v)
+
+
+class MissSection(Section):
+    """MiSS (peft's MissConfig): one small shared block per wrapped Linear instead of LoRA's two factors."""
+    enabled: bool = Field(False, description="train MiSS adapters (peft); not together with method.lora")
+    r: int = Field(64, gt=0, description="shard size along in_features (<= in_features of every target; "
+                                         "an even number for the default variant)")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    targets: TargetsField = Field("default", description="default | attention | ffn | all | a list of module names")
+    variant: Literal["balance", "bat", "mini"] = Field(
+        "balance", description="balance (peft's default), bat (in and out divisible by r), mini (needs mini_r)")
+    mini_r: Optional[int] = Field(None, gt=0, description="variant mini: block width along out_features "
+                                                          "(out_features divisible by it)")
+    modules_to_save: Optional[List[str]] = Field(None, description="modules trained in full beside the adapters")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.variant == "mini" and self.mini_r is None:
+            raise ValueError("variant: mini needs mini_r (e.g. mini_r: 64)")
+        if self.mini_r is not None and self.variant != "mini":
+            raise ValueError(f"mini_r is used by variant: mini only (variant is {self.variant!r})")
+        return self
 
 
 class StateTuningSection(Section):
@@ -100,12 +144,22 @@ class StateTuningSection(Section):
 
 class MethodSection(Section):
     lora: LoraSection = Field(default_factory=LoraSection)
+    miss: MissSection = Field(default_factory=MissSection)
     state_tuning: StateTuningSection = Field(default_factory=StateTuningSection)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.lora.enabled and self.miss.enabled:
+            raise ValueError("method.lora and method.miss are both enabled: peft cannot put a LoRA and a MiSS "
+                             "adapter on one model (its mixed-adapter model takes LoRA-family adapters only); "
+                             "enable one of them (each combines with method.state_tuning)")
+        return self
 
     @property
     def kind(self) -> str:
-        """'full' (no method: every weight trains), 'lora', 'state' or 'lora+state'."""
-        parts = [n for n, on in (("lora", self.lora.enabled), ("state", self.state_tuning.enabled)) if on]
+        """'full' (no method: every weight trains), 'lora', 'miss', 'state', 'lora+state' or 'miss+state'."""
+        parts = [n for n, on in (("lora", self.lora.enabled), ("miss", self.miss.enabled),
+                                 ("state", self.state_tuning.enabled)) if on]
         return "+".join(parts) or "full"
 
 
@@ -384,6 +438,8 @@ def _describe(err: dict, where: str) -> Tuple[Tuple, str]:
             msg += f"; did you mean '{close[0]}'?"
         if bad == "token" and path[:1] == ["hub"]:
             msg += " (tokens are never stored in recipes: set HF_TOKEN or run `huggingface-cli login`)"
+        if bad in ("rank_pattern", "alpha_pattern") and path[:2] == ["method", "miss"]:
+            msg += " (peft's MiSS has one rank for every module: no per-module ranks or alphas; method.lora has them)"
         if allowed:
             msg += f" (allowed in {'.'.join(map(str, path[:-1])) or 'the top level'}: {', '.join(allowed)})"
         return tuple(path), f"{where}: {key}: {msg}"

@@ -29,6 +29,10 @@ def test_card_for_an_adapter_folder_includes_the_recipe(tmp_path):
     card = str(build_model_card(run / "adapter", "me/persona"))
     assert "library_name: peft" in card and "state-tuning" in card and "lora" in card
     assert "r: 8" in card and "LoRA + state tuning" in card
+    manifest["contains"] = {"lora": False, "miss": True, "state": False}
+    (run / "adapter" / "rwkv_peft_adapter.json").write_text(json.dumps(manifest))
+    card = str(build_model_card(run / "adapter", "me/persona"))
+    assert "library_name: peft" in card and "- miss" in card and "adapter (MiSS)" in card
 
 
 def test_missing_folder_and_offline_upload_fail_cleanly(tmp_path, capsys, monkeypatch):

@@ -1,10 +1,11 @@
-"""Fine-tuning methods on RWKV-7: base loading (optionally 4/8-bit), LoRA and variants through peft, state
-tuning (our tuner beside peft), and one adapter folder holding either or both.
+"""Fine-tuning methods on RWKV-7: base loading (optionally 4/8-bit), LoRA and variants through peft, MiSS
+through peft, state tuning (our tuner beside peft), and one adapter folder holding either or both.
 
 The training loop uses exactly these names::
 
     model = load_base_model(path, dtype="bfloat16", quantization=None | "nf4" | "fp4" | "int8")
     model = apply_lora(model, r=16, alpha=32, targets="default", variant="lora", init=None)   # optional
+    model = apply_miss(model, r=64, targets="default", variant="balance")   # or MiSS instead of LoRA
     model = apply_state_tuning(model, init="zeros")                                          # optional
     print(trainable_summary(model))
     ... train ...
@@ -21,9 +22,10 @@ from .adapter_io import (
 )
 from .loading import KEEP_HIGH_PRECISION, bnb_config, is_quantized, load_base_model, load_info
 from .lora import TARGET_PRESETS, apply_lora, lora_config, resolve_targets
+from .miss import MissFitError, apply_miss, miss_config
 
 __all__ = [
-    "load_base_model", "apply_lora", "apply_state_tuning", "save_adapter", "load_adapter", "trainable_summary",
+    "load_base_model", "apply_lora", "apply_miss", "miss_config", "MissFitError", "apply_state_tuning", "save_adapter", "load_adapter", "trainable_summary",
     "export_state_pth", "load_state_pth", "load_state_any", "get_states", "set_states", "combine_states",
     "AdapterMismatchError", "MANIFEST", "TARGET_PRESETS", "KEEP_HIGH_PRECISION", "bnb_config", "is_quantized",
     "load_info", "lora_config", "resolve_targets", "base_sizes", "check_adapter_fits", "read_manifest",

@@ -2,8 +2,8 @@
 
 Folder layout (written atomically: a temporary folder renamed into place)::
 
-    adapter_config.json          peft's LoRA config          } when LoRA is attached; a standard peft folder:
-    adapter_model.safetensors    peft's LoRA weights         } ``PeftModel.from_pretrained`` loads it as it is
+    adapter_config.json          peft's LoRA / MiSS config   } when LoRA or MiSS is attached; a standard peft folder:
+    adapter_model.safetensors    peft's LoRA / MiSS weights  } ``PeftModel.from_pretrained`` loads it as it is
     state_adapter.safetensors    initial states + metadata   when state tuning is attached
     rwkv_peft_adapter.json       the manifest: what the folder holds and the base it was trained on
 
@@ -92,11 +92,15 @@ def save_adapter(model: nn.Module, out_dir: os.PathLike, extra: Optional[dict] =
     from .loading import load_info
 
     base = unwrap(model)
+    from .miss import is_miss
+
     st = state_tuning_config(model)
-    lora = _is_peft(model)
-    if not lora and st is None:
-        raise ValueError("nothing to save: the model has neither a LoRA adapter (apply_lora) nor state tuning "
-                         "(apply_state_tuning)")
+    peft = _is_peft(model)
+    miss = peft and is_miss(model)
+    lora = peft and not miss
+    if not peft and st is None:
+        raise ValueError("nothing to save: the model has neither a LoRA or MiSS adapter (apply_lora, apply_miss) "
+                         "nor state tuning (apply_state_tuning)")
     out_dir = Path(out_dir)
     info = load_info(model)
     # the base as a portable spec (assets:..., relative, ~/...): no local folder layout in a folder that gets
@@ -107,15 +111,16 @@ def save_adapter(model: nn.Module, out_dir: os.PathLike, extra: Optional[dict] =
     manifest = {
         "format": "rwkv-peft-adapter", "format_version": FORMAT_VERSION, "rwkv_peft_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "contains": {"lora": lora, "state": st is not None},
+        # "miss" only when MiSS is attached: manifests of LoRA / state adapters stay as they were
+        "contains": {"lora": lora, **({"miss": True} if miss else {}), "state": st is not None},
         "base": {"path": base_path,
                  "dtype": info.get("dtype"), "quantization": info.get("quantization"),
                  "double_quant": info.get("double_quant", False), **base_sizes(model)},
     }
     with atomic_path(out_dir, is_dir=True) as tmp:
-        if lora:
+        if peft:
             with _recorded_base_name(model, base_path):
-                manifest["lora"] = _save_lora(model, Path(tmp), state_dict)
+                manifest["miss" if miss else "lora"] = _save_lora(model, Path(tmp), state_dict)
         if st is not None:
             states = get_states(model) if state_dict is None else _states_in(model, state_dict)
             version = versions.of(base)  # the model's version, also for a config recorded by an older release
@@ -160,9 +165,10 @@ def _save_lora(model, tmp: Path, state_dict: Optional[dict] = None) -> dict:
     from safetensors.torch import save_file
 
     base = model.get_base_model()
-    meta = dict(getattr(base, "_rwkv_lora", {}) or {})
     cfg = model.peft_config[model.active_adapter if isinstance(model.active_adapter, str) else "default"]
-    initial = getattr(base, "_rwkv_lora_initial", None)
+    peft_type = str(getattr(cfg.peft_type, "value", cfg.peft_type))
+    meta = dict(getattr(base, "_rwkv_miss" if peft_type == "MISS" else "_rwkv_lora", {}) or {})
+    initial = getattr(base, "_rwkv_lora_initial", None) if peft_type == "LORA" else None
     if initial is not None:  # PiSSA / OLoRA: save as a plain LoRA (rank 2r) on the original base
         if state_dict is not None:  # peft's conversion reads the model's own state dict for the initial adapter
             raise ValueError("a PiSSA / OLoRA adapter cannot be saved from a gathered state dict (FSDP2, ZeRO-3)")
@@ -189,7 +195,7 @@ def _save_lora(model, tmp: Path, state_dict: Optional[dict] = None) -> dict:
                                            else meta["init"], "rank": cfg.r * 2}
     else:  # the vocabulary is never resized here, so no full embedding copies in the adapter
         model.save_pretrained(str(tmp), save_embedding_layers=False, state_dict=state_dict)
-    meta.update({"file": "adapter_model.safetensors", "config": "adapter_config.json", "peft_type": "LORA"})
+    meta.update({"file": "adapter_model.safetensors", "config": "adapter_config.json", "peft_type": peft_type})
     return meta
 
 
@@ -206,7 +212,7 @@ def check_adapter_fits(adapter_dir: os.PathLike, base_model: nn.Module) -> Optio
     has_lora = (adapter_dir / "adapter_config.json").is_file()
     has_state = (adapter_dir / STATE_FILE).is_file()
     if not has_lora and not has_state:
-        raise AdapterMismatchError(f"{adapter_dir}: neither adapter_config.json (LoRA) nor {STATE_FILE} (state) "
+        raise AdapterMismatchError(f"{adapter_dir}: neither adapter_config.json (LoRA / MiSS) nor {STATE_FILE} (state) "
                                    f"found; not an adapter folder")
     if manifest is not None:
         if manifest.get("format_version", 0) > FORMAT_VERSION:
@@ -222,20 +228,36 @@ def check_adapter_fits(adapter_dir: os.PathLike, base_model: nn.Module) -> Optio
     return manifest
 
 
+def _miss_block_shape(cfg: dict, in_f: int, out_f: int):
+    """The ``miss_block`` shape peft's MiSS layer has for a Linear [out_f, in_f] under adapter_config ``cfg``."""
+    r, init = int(cfg.get("r", 64)), cfg.get("init_weights", True)
+    if init == "bat":
+        return [out_f // r, r, r]
+    if init == "mini":
+        return [r, int(cfg.get("mini_r", 1))]
+    return [r, out_f]
+
+
 def _check_lora_shapes(adapter_dir: Path, base_model: nn.Module) -> None:
-    """Each ``lora_A`` [r, in] / ``lora_B`` [out, r] against the base module's in/out features."""
+    """Each ``lora_A`` [r, in] / ``lora_B`` [out, r] against the base module's in/out features; each MiSS
+    ``miss_block`` against the shape its config gives that module."""
     from safetensors import safe_open
 
     from ..tuners.state_tuning import unwrap
     f = adapter_dir / "adapter_model.safetensors"
     if not f.is_file():
         return
+    try:
+        cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise AdapterMismatchError(f"{adapter_dir}/adapter_config.json: cannot read ({e})") from e
     modules = dict(unwrap(base_model).named_modules())
     with safe_open(str(f), framework="pt") as fh:
         for key in fh.keys():
-            if ".lora_A." not in key and ".lora_B." not in key:
+            is_miss = key.endswith(".miss_block")
+            if ".lora_A." not in key and ".lora_B." not in key and not is_miss:
                 continue
-            name = key.split(".lora_")[0]
+            name = key[:-len(".miss_block")] if is_miss else key.split(".lora_")[0]
             for prefix in ("base_model.model.",):
                 if name.startswith(prefix):
                     name = name[len(prefix):]
@@ -251,6 +273,12 @@ def _check_lora_shapes(adapter_dir: Path, base_model: nn.Module) -> None:
             shape = fh.get_slice(key).get_shape()
             in_f = getattr(mod, "in_features", None)
             out_f = getattr(mod, "out_features", None)
+            if is_miss:
+                if in_f is not None and out_f is not None and list(shape) != _miss_block_shape(cfg, in_f, out_f):
+                    raise AdapterMismatchError(f"{adapter_dir}: {name} differs: the adapter's MiSS block is "
+                                               f"{list(shape)}, a [{out_f} x {in_f}] base layer needs "
+                                               f"{_miss_block_shape(cfg, in_f, out_f)}")
+                continue
             if ".lora_A." in key and in_f is not None and shape[1] != in_f:
                 raise AdapterMismatchError(f"{adapter_dir}: {name} in_features differs: the adapter has {shape[1]}, "
                                            f"the base has {in_f}")
@@ -261,8 +289,8 @@ def _check_lora_shapes(adapter_dir: Path, base_model: nn.Module) -> None:
 
 def load_adapter(base_model: nn.Module, adapter_dir: os.PathLike, is_trainable: bool = False,
                  adapter_name: str = "default"):
-    """Load LoRA and/or state from one folder onto ``base_model`` (a plain model of any version); returns the
-    model (a ``PeftModel`` when the folder holds LoRA). Version and sizes are checked against the base first."""
+    """Load LoRA (or MiSS) and/or state from one folder onto ``base_model`` (a plain model of any version); returns
+    the model (a ``PeftModel`` when the folder holds LoRA or MiSS). Version and sizes are checked against the base first."""
     from ..tuners.state_tuning import STATE_FILE, config_for, load_state_any, mark_states_trainable, set_states, unwrap
 
     adapter_dir = Path(adapter_dir)
@@ -284,6 +312,9 @@ def load_adapter(base_model: nn.Module, adapter_dir: os.PathLike, is_trainable: 
             if converted:  # saved as a plain LoRA of rank 2r on the original base
                 lora_meta.update(init=None, r=converted["rank"], converted_from=converted["from"])
             base._rwkv_lora = {k: v for k, v in lora_meta.items() if k not in ("file", "config", "peft_type")}
+        miss_meta = (manifest or {}).get("miss")
+        if miss_meta:
+            base._rwkv_miss = {k: v for k, v in miss_meta.items() if k not in ("file", "config", "peft_type")}
     if (adapter_dir / STATE_FILE).is_file():
         states, meta = load_state_any(adapter_dir / STATE_FILE)
         set_states(model, states, meta.get("architecture"), where=str(adapter_dir / STATE_FILE))
@@ -318,8 +349,8 @@ def _numel(p: torch.Tensor) -> int:
 
 
 def trainable_summary(model: nn.Module) -> str:
-    """One line per group (LoRA, state, modules_to_save, other) with trainable counts, then the total."""
-    groups = {"lora": 0, "state": 0, "modules_to_save": 0, "other": 0}
+    """One line per group (LoRA, MiSS, state, modules_to_save, other) with trainable counts, then the total."""
+    groups = {"lora": 0, "miss": 0, "state": 0, "modules_to_save": 0, "other": 0}
     total = trainable = 0
     for name, p in model.named_parameters():
         n = _numel(p)
@@ -329,6 +360,8 @@ def trainable_summary(model: nn.Module) -> str:
         trainable += n
         if "lora_" in name:
             groups["lora"] += n
+        elif "miss_block" in name:
+            groups["miss"] += n
         elif name.endswith("time_state"):
             groups["state"] += n
         elif "modules_to_save" in name:

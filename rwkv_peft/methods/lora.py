@@ -11,10 +11,11 @@ plus ``head`` [V, C] (the output projection) and the norms ``ln1``/``ln2``/``att
 """
 from __future__ import annotations
 
+import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterable, List, Optional, Sequence, Union
+from typing import Dict, Iterable, List, Optional, Sequence, Union
 
 from torch import nn
 
@@ -44,17 +45,42 @@ def resolve_targets(targets: Union[str, Sequence[str]], version: Version = versi
     return out
 
 
-def _check_targets_exist(model: nn.Module, targets: Iterable[str], version: Version) -> None:
+def _check_targets_exist(model: nn.Module, targets: Iterable[str], version: Version, method: str = "LoRA") -> None:
     names = [n for n, _ in model.named_modules()]
     for t in targets:
         if not any(n == t or n.endswith("." + t) for n in names):
-            raise ValueError(f"LoRA target {t!r} matches no module of the model; {version.title} modules are e.g. "
+            raise ValueError(f"{method} target {t!r} matches no module of the model; {version.title} modules are e.g. "
                              f"{version.lora_presets['all'][:8]} (presets: {', '.join(version.lora_presets)})")
+
+
+def pattern_matches(pattern: str, name: str) -> bool:
+    """peft's rule for a ``rank_pattern`` / ``alpha_pattern`` key: a regex that matches the whole module name or
+    its tail after a ``.`` (``att.key``, ``blocks.0.att.key``, ``blocks\\.[01]\\.ffn\\.(key|value)``)."""
+    return re.match(rf"(.*\.)?({pattern})$", name) is not None
+
+
+def check_patterns(model: nn.Module, targets: Sequence[str], version: Version, patterns: Dict[str, object],
+                   key: str) -> None:
+    """Every key of ``patterns`` (``rank_pattern`` / ``alpha_pattern``) names at least one targeted module
+    (peft only warns and ignores such a key)."""
+    if not patterns:
+        return
+    from .miss import targeted_modules
+    names = targeted_modules(model, targets, version)
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ValueError(f"{key} key {pattern!r} is not a valid regular expression ({e})") from None
+        if not any(pattern_matches(pattern, n) for n in names):
+            raise ValueError(f"{key} key {pattern!r} matches none of the targeted modules (e.g. "
+                             f"{names[:3]}); a key is a module name or its tail, or a regular expression")
 
 
 def lora_config(r: int = 16, alpha: float = 32, dropout: float = 0.0, targets="default", variant: str = "lora",
                 modules_to_save: Optional[Sequence[str]] = None, init: Optional[str] = None,
-                version: Version = versions.DEFAULT):
+                version: Version = versions.DEFAULT, rank_pattern: Optional[Dict[str, int]] = None,
+                alpha_pattern: Optional[Dict[str, float]] = None):
     from peft import LoraConfig
     if variant not in VARIANTS:
         raise ValueError(f"variant {variant!r}: expected one of {VARIANTS}")
@@ -62,30 +88,43 @@ def lora_config(r: int = 16, alpha: float = 32, dropout: float = 0.0, targets="d
         raise ValueError(f"init {init!r}: expected one of {INITS}")
     if r < 1:
         raise ValueError(f"r={r}: the LoRA rank must be >= 1")
+    for k, v in (rank_pattern or {}).items():
+        if int(v) < 1:
+            raise ValueError(f"rank_pattern {k!r}: {v}: a LoRA rank must be >= 1")
     return LoraConfig(
         r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=resolve_targets(targets, version), bias="none",
         exclude_modules=list(version.never_targeted) or None,
         use_dora=variant == "dora", use_rslora=variant == "rslora",
         init_lora_weights=True if init is None else init,
         modules_to_save=list(modules_to_save) if modules_to_save else None, task_type="CAUSAL_LM",
+        rank_pattern={str(k): int(v) for k, v in (rank_pattern or {}).items()},
+        alpha_pattern={str(k): float(v) for k, v in (alpha_pattern or {}).items()},
     )
 
 
 def apply_lora(model: nn.Module, r: int = 16, alpha: float = 32, dropout: float = 0.0, targets="default",
-               variant: str = "lora", modules_to_save: Optional[Sequence[str]] = None, init: Optional[str] = None):
+               variant: str = "lora", modules_to_save: Optional[Sequence[str]] = None, init: Optional[str] = None,
+               rank_pattern: Optional[Dict[str, int]] = None, alpha_pattern: Optional[Dict[str, float]] = None):
     """Attach a LoRA adapter through ``peft.get_peft_model``; returns the ``PeftModel``.
 
     PiSSA (or OLoRA) on a quantized base (peft refuses PiSSA there): the base is reloaded in full precision from
     the path it was loaded from, the init runs on those weights, the residual ``W - A0 B0`` is quantized as the
     base was (same ``BitsAndBytesConfig``), and the adapter ``A0, B0`` is attached to it - as peft documents for
     QPiSSA. The returned model is a new object; the one passed in should be dropped.
+
+    rank_pattern / alpha_pattern: peft's per-module ranks / alphas, ``{module name, tail or regex: value}``
+    (``{"blocks.0.att.key": 8, "ffn\\.(key|value)": 32}``); modules no key matches keep ``r`` / ``alpha``. A key
+    that matches no targeted module is an error.
     """
     from ..tuners.state_tuning import mark_states_trainable, state_tuning_config
     from .loading import is_quantized
 
     version = versions.of(model)
-    cfg = lora_config(r, alpha, dropout, targets, variant, modules_to_save, init, version)
+    cfg = lora_config(r, alpha, dropout, targets, variant, modules_to_save, init, version, rank_pattern,
+                      alpha_pattern)
     _check_targets_exist(model, cfg.target_modules, version)
+    check_patterns(model, cfg.target_modules, version, cfg.rank_pattern, "rank_pattern")
+    check_patterns(model, cfg.target_modules, version, cfg.alpha_pattern, "alpha_pattern")
     if init in MUTATING_INITS and is_quantized(model):
         peft_model = _init_on_full_precision(model, cfg)
     else:
@@ -94,7 +133,9 @@ def apply_lora(model: nn.Module, r: int = 16, alpha: float = 32, dropout: float 
             _remember_initial(peft_model)
     base = peft_model.get_base_model()
     base._rwkv_lora = {"r": r, "alpha": alpha, "dropout": dropout, "targets": list(cfg.target_modules),
-                       "variant": variant, "init": init, "modules_to_save": list(modules_to_save or [])}
+                       "variant": variant, "init": init, "modules_to_save": list(modules_to_save or []),
+                       **({"rank_pattern": dict(cfg.rank_pattern)} if cfg.rank_pattern else {}),
+                       **({"alpha_pattern": dict(cfg.alpha_pattern)} if cfg.alpha_pattern else {})}
     if state_tuning_config(peft_model) is not None:
         mark_states_trainable(peft_model)
     return peft_model

@@ -126,11 +126,22 @@ def build_model(recipe: Recipe, device: Optional[torch.device] = None, log=print
         raise TrainingSetupError(f"model.path: {e}") from None
     if meth.lora.enabled:
         lo = meth.lora
-        model = methods.apply_lora(model, r=lo.r, alpha=lo.alpha, dropout=lo.dropout, targets=lo.targets,
-                                   variant=lo.variant, modules_to_save=lo.modules_to_save, init=lo.init)
+        try:
+            model = methods.apply_lora(model, r=lo.r, alpha=lo.alpha, dropout=lo.dropout, targets=lo.targets,
+                                       variant=lo.variant, modules_to_save=lo.modules_to_save, init=lo.init,
+                                       rank_pattern=lo.rank_pattern, alpha_pattern=lo.alpha_pattern)
+        except ValueError as e:  # a target, rank_pattern or alpha_pattern key that names no module of this model
+            raise TrainingSetupError(f"method.lora: {e}") from None
     if meth.state_tuning.enabled:
         init = meth.state_tuning.init
         model = methods.apply_state_tuning(model, init=init if init in ("zeros", "keep") else str(resolve_path(init)))
+    if meth.miss.enabled:  # after state tuning, which freezes every parameter but LoRA's; apply_miss keeps states
+        mi = meth.miss
+        try:
+            model = methods.apply_miss(model, r=mi.r, dropout=mi.dropout, targets=mi.targets, variant=mi.variant,
+                                       mini_r=mi.mini_r, modules_to_save=mi.modules_to_save)
+        except ValueError as e:
+            raise TrainingSetupError(f"method.miss: {e}") from None
     if meth.kind == "full" and mcfg.dtype != "float32":
         log(f"note: a full fine-tune keeps its weights in {mcfg.dtype}; float32 weights with "
             f"train.mixed_precision: bf16 train more reliably")

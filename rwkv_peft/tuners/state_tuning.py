@@ -211,9 +211,9 @@ def apply_state_tuning(model: nn.Module, init: Union[str, os.PathLike] = "zeros"
         raise ValueError(f"state init {init!r}: expected 'zeros', 'keep' or a path to a state file")
     if trainable_only:
         is_peft = model is not base
-        for name, p in model.named_parameters():
-            if is_peft and ("lora_" in name or "modules_to_save" in name):
-                continue  # LoRA / saved modules: peft decides
+        for p in model.parameters():
+            if is_peft and p.requires_grad:
+                continue  # the adapter's own weights (LoRA, MiSS, saved modules): peft decides
             p.requires_grad_(False)
     for m in time_mixes(model):
         m.time_state.requires_grad_(True)

@@ -127,3 +127,37 @@ def test_check_paths_names_lines(tmp_path):
 
 def test_assets_prefix():
     assert resolve_path("assets:quickstart/model").parts[-3:] == ("assets", "quickstart", "model")
+
+
+def test_miss_section_and_its_errors():
+    r = recipe_from_text(MINIMAL + "method:\n  miss: {enabled: true, r: 32}\n  state_tuning: {enabled: true}\n",
+                         "r.yaml")
+    assert r.method.kind == "miss+state" and r.method.miss.variant == "balance" and r.method.miss.targets == "default"
+    probs = errors(MINIMAL + "method:\n  miss:\n    enabled: true\n    variant: bta\n    r: 0\n    dropout: 1.5\n")
+    assert any(p.startswith("r.yaml:8: method.miss.variant: 'bta' is not allowed; expected 'balance', 'bat' or "
+                            "'mini'; did you mean 'bat'?") for p in probs), probs
+    assert any(p.startswith("r.yaml:9: method.miss.r: 0:") and "greater than 0" in p for p in probs), probs
+    assert any(p.startswith("r.yaml:10: method.miss.dropout: 1.5:") for p in probs), probs
+    (p,) = errors(MINIMAL + "method:\n  miss:\n    enabled: true\n    variant: mini\n")
+    assert p.startswith("r.yaml:7: method.miss: variant: mini needs mini_r")
+    (p,) = errors(MINIMAL + "method:\n  miss:\n    mini_r: 8\n")
+    assert p.startswith("r.yaml:7: method.miss: mini_r is used by variant: mini only")
+    (p,) = errors(MINIMAL + "method:\n  miss:\n    rank_pattern: {att.key: 8}\n")
+    assert p.startswith("r.yaml:7: method.miss.rank_pattern: unknown key 'rank_pattern'") and "one rank" in p
+    (p,) = errors(MINIMAL + "method:\n  lora: {enabled: true}\n  miss: {enabled: true}\n")
+    assert p.startswith("r.yaml:6: method: method.lora and method.miss are both enabled")
+    r = recipe_from_text(MINIMAL, "r.yaml", ["method.miss.enabled=true", "method.miss.targets=[att.key]"])
+    assert r.method.kind == "miss" and r.method.miss.targets == ["att.key"]
+
+
+def test_lora_rank_and_alpha_patterns():
+    r = recipe_from_text(MINIMAL + "method:\n  lora:\n    enabled: true\n    rank_pattern: {blocks.0.att.key: 8}\n"
+                                   "    alpha_pattern: {'ffn\\.(key|value)': 64}\n", "r.yaml")
+    assert r.method.lora.rank_pattern == {"blocks.0.att.key": 8}
+    assert r.method.lora.alpha_pattern == {"ffn\\.(key|value)": 64.0}
+    probs = errors(MINIMAL + "method:\n  lora:\n    rank_pattern:\n      att.key: 0\n      ffn.key: two\n")
+    assert any(p.startswith("r.yaml:8: method.lora.rank_pattern.att.key: 0:") and "greater than 0" in p
+               for p in probs), probs
+    assert any(p.startswith("r.yaml:9: method.lora.rank_pattern.ffn.key: 'two':") for p in probs), probs
+    (p,) = errors(MINIMAL + "method:\n  lora:\n    alpha_pattern: {'att.(key': 8}\n")
+    assert p.startswith("r.yaml:7: method.lora.alpha_pattern: key 'att.(key' is not a valid regular expression")
