@@ -1,4 +1,5 @@
-"""Tiny random RWKV-7 checkpoints in the official BlinkDL layout, and the official package as a subprocess."""
+"""Tiny random RWKV-7 checkpoints in the official BlinkDL layout, and the official package (any version) as a
+subprocess; the helpers the per-version factories (factories_v4/v5/v6.py) share."""
 from __future__ import annotations
 
 import json
@@ -14,6 +15,18 @@ from rwkv_peft.models.rwkv7.configuration_rwkv7 import default_low_rank
 REFERENCE_SCRIPT = Path(__file__).with_name("official_reference.py")
 
 
+def draws(g: torch.Generator):
+    """(rnd, uni) drawing from ``g``: normal ``* scale + mean`` and uniform in [lo, hi)."""
+
+    def rnd(*shape, scale=1.0, mean=0.0):
+        return torch.randn(*shape, generator=g) * scale + mean
+
+    def uni(*shape, lo=0.0, hi=1.0):
+        return torch.rand(*shape, generator=g) * (hi - lo) + lo
+
+    return rnd, uni
+
+
 def make_blinkdl_v7(vocab: int = 97, width: int = 128, layers: int = 2, head_size: int = 64,
                     dtype=torch.float32, seed: int = 0, time_state: bool = False, deep_embed: int = 0) -> dict:
     """Random weights of realistic range, in the shapes and key order the official training code saves.
@@ -22,12 +35,7 @@ def make_blinkdl_v7(vocab: int = 97, width: int = 128, layers: int = 2, head_siz
     C, H, N, F = width, width // head_size, head_size, 4 * width
     Dw, Da, Dv, Dg = (default_low_rank(C, 1.8, 0.5), default_low_rank(C, 1.8, 0.5),
                       default_low_rank(C, 1.3, 0.5), default_low_rank(C, 0.6, 0.8))
-
-    def rnd(*shape, scale=1.0, mean=0.0):
-        return torch.randn(*shape, generator=g) * scale + mean
-
-    def uni(*shape, lo=0.0, hi=1.0):
-        return torch.rand(*shape, generator=g) * (hi - lo) + lo
+    rnd, uni = draws(g)
 
     sd = {"emb.weight": rnd(vocab, C, scale=1.0)}
     for i in range(layers):
@@ -69,12 +77,13 @@ def make_blinkdl_v7(vocab: int = 97, width: int = 128, layers: int = 2, head_siz
     return {k: v.to(dtype).contiguous() for k, v in sd.items()}
 
 
-def official_reference(pth: Path, requests: dict, out: Path, deep_embed: bool = False) -> dict:
-    """Run the official ``rwkv`` package (v7, cpu fp32) in a fresh process; see official_reference.py.
-    ``deep_embed``: as a DeepEmbed model (``RWKV_DE_VERSION=1``, read when the package is imported)."""
+def official_reference(pth: Path, requests: dict, out: Path, deep_embed: bool = False, version: str = "7") -> dict:
+    """Run the official ``rwkv`` package (cpu fp32) in a fresh process on a checkpoint of RWKV-``version`` (as
+    ``detect_blinkdl_version`` names it: "7", "6", "5.2", "4"); see official_reference.py.
+    ``deep_embed``: as a DeepEmbed model (``RWKV_DE_VERSION=1``, read when the package is imported; v7 only)."""
     req = out.with_suffix(".json")
-    req.write_text(json.dumps({"model": str(pth), "out": str(out), **requests}))
-    env = {**os.environ, "RWKV_V7_ON": "1", "RWKV_CUDA_ON": "0", "RWKV_JIT_ON": "1"}
+    req.write_text(json.dumps({"model": str(pth), "out": str(out), "version": version, **requests}))
+    env = {**os.environ, "RWKV_V7_ON": "1" if version == "7" else "0", "RWKV_CUDA_ON": "0", "RWKV_JIT_ON": "1"}
     env.pop("RWKV_DE_VERSION", None)
     if deep_embed:
         env["RWKV_DE_VERSION"] = "1"

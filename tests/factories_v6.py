@@ -1,19 +1,13 @@
 """Tiny random RWKV-6 checkpoints in the official BlinkDL layout, and the official package (v6) as a subprocess."""
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
 
-from tests.factories import rel_err  # noqa: F401  (re-exported for the v6 tests)
+from tests.factories import draws, official_reference, rel_err  # noqa: F401  (rel_err re-exported for the v6 tests)
 
 __all__ = ["make_blinkdl_v6", "official_reference_v6", "rel_err"]
-
-REFERENCE_SCRIPT = Path(__file__).with_name("official_reference_v6.py")
 
 
 def make_blinkdl_v6(vocab: int = 97, width: int = 128, layers: int = 2, head_size: int = 64,
@@ -23,12 +17,7 @@ def make_blinkdl_v6(vocab: int = 97, width: int = 128, layers: int = 2, head_siz
     g = torch.Generator().manual_seed(seed)
     C, H, N = width, width // head_size, head_size
     F = int(C * 3.5) // 32 * 32
-
-    def rnd(*shape, scale=1.0, mean=0.0):
-        return torch.randn(*shape, generator=g) * scale + mean
-
-    def uni(*shape, lo=0.0, hi=1.0):
-        return torch.rand(*shape, generator=g) * (hi - lo) + lo
+    rnd, uni = draws(g)
 
     sd = {"emb.weight": rnd(vocab, C, scale=1.0)}
     for i in range(layers):
@@ -62,12 +51,5 @@ def make_blinkdl_v6(vocab: int = 97, width: int = 128, layers: int = 2, head_siz
 
 
 def official_reference_v6(pth: Path, requests: dict, out: Path) -> dict:
-    """Run the official ``rwkv`` package (v6, cpu fp32) in a fresh process; see official_reference_v6.py."""
-    req = out.with_suffix(".json")
-    req.write_text(json.dumps({"model": str(pth), "out": str(out), **requests}))
-    env = {**os.environ, "RWKV_V7_ON": "0", "RWKV_CUDA_ON": "0", "RWKV_JIT_ON": "1"}
-    proc = subprocess.run([sys.executable, str(REFERENCE_SCRIPT), str(req)], env=env,
-                          capture_output=True, text=True, timeout=600)
-    if proc.returncode:
-        raise RuntimeError(f"official package failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-    return torch.load(out, weights_only=True)
+    """Run the official ``rwkv`` package (v6, cpu fp32) in a fresh process; see official_reference.py."""
+    return official_reference(pth, requests, out, version="6")

@@ -21,6 +21,7 @@ from typing import List, Optional, Sequence
 from torch import nn
 
 from .. import versions
+from ..errors import RWKVPeftError
 from ..versions import Version
 from .lora import _check_targets_exist, _get_peft_model, resolve_targets
 
@@ -28,7 +29,7 @@ VARIANTS = ("balance", "bat", "mini")
 _INIT_WEIGHTS = {"balance": True, "bat": "bat", "mini": "mini"}
 
 
-class MissFitError(ValueError):
+class MissFitError(RWKVPeftError, ValueError):
     """A MiSS rank (or mini_r) that does not fit a targeted module; the message names the module and its sizes."""
 
 

@@ -30,6 +30,7 @@ from ..recipe import Recipe
 from .batches import Stream, batch_of, same_length
 from .checkpoint import (install_state_hooks, push_to_hub, resume, rng_snapshot, save_checkpoint, save_final)
 from .evaluation import eval_metrics, evaluate_rows, print_samples
+from .memory import release_freed_memory
 from .logging import RunLogger, Throughput, format_seconds, plot_losses
 from .setup import (CHECKPOINTS, STATE_FILE, TrainingSetupError, base_model, build_model, check_hub_token,
                     check_output, configure_engine, enable_checkpointing, find_checkpoints, load_tokenizer,
@@ -222,6 +223,7 @@ def one_step(run: Run):
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
+    release_freed_memory(acc.device)
     run.step += 1
     loss = losses.sum() / max(tokens, 1)
     if acc.num_processes > 1:

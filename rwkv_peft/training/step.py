@@ -36,6 +36,7 @@ from ..errors import EXIT_FAILED, RWKVPeftError
 from ..data.packing import IGNORE, chunk_spans
 from ..models.common import shift_targets
 from ..tuners.state_tuning import trained_initial_states
+from .memory import release_freed_memory
 
 Span = Tuple[int, int]
 
@@ -111,7 +112,7 @@ def recomputed_row_loss(acc, model, ids, targets, denom: float, chunk_len: int, 
     with torch.no_grad():
         for s, e in spans[:-1]:
             out = model(input_ids=ids[:, s:e], state=saved[-1], use_cache=True, logits_to_keep=1)
-            saved.append([tuple(t.detach() for t in layer) for layer in out.state])
+            saved.append([tuple(t.detach().clone() for t in layer) for layer in out.state])  # not views of x
     scaler = getattr(acc, "scaler", None)  # fp16: the gradients that come back are scaled already
     total, sent = None, None
     for i in reversed(range(len(spans))):
@@ -126,6 +127,7 @@ def recomputed_row_loss(acc, model, ids, targets, denom: float, chunk_len: int, 
                 objective = objective + sum((t * g).sum() * unscale for t, g in zip(_flat(out.state), sent)
                                             if g is not None and t.requires_grad)
             acc.backward(objective)
+        release_freed_memory(ids.device)  # the CPU's resident memory stays that of one chunk
         sent = None if state is None else [t.grad for t in _flat(state)]
         total = out.loss.detach() if total is None else total + out.loss.detach()
     return total

@@ -1,6 +1,7 @@
-"""RWKV-4 against the official ``rwkv`` package (v4, cpu fp32) on tiny random checkpoints; conversion round
-trips (.pth <-> HF folder, through ``rwkv_peft.convert`` too); the transformers conventions shared with the other
-versions (state in/out, padding, chunked loss, generate); LoRA / QLoRA on it; state tuning refused."""
+"""RWKV-4's own checks: its [B, 3, A] WKV state, attention width other than the hidden size, conversion errors,
+rwkv_peft.convert both ways, the transformers conventions shared with the other versions (padding, chunked loss),
+LoRA / QLoRA on it; state tuning refused. The parity with the official package, generation and the .pth round trip
+are in test_parity.py, shared by every version."""
 import pytest
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
@@ -8,17 +9,12 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 import rwkv_peft  # noqa: F401  (registers every version with the Auto classes)
 from rwkv_peft import versions
 from rwkv_peft.models.rwkv4 import RWKV4Config, RWKV4ForCausalLM, RWKV4Model
-from rwkv_peft.models.rwkv4.convert_rwkv4 import CheckpointError, blinkdl_to_hf, config_from_blinkdl, hf_to_blinkdl
+from rwkv_peft.models.rwkv4.convert_rwkv4 import CheckpointError, blinkdl_to_hf, config_from_blinkdl
 from tests.factories import make_blinkdl_v7
-from tests.factories_v4 import make_blinkdl_v4, official_reference_v4, rel_err
+from tests.factories_v4 import make_blinkdl_v4, rel_err
 from tests.factories_v5 import make_blinkdl_v5
 
 TOL = 1e-5
-CASES = [  # vocab, width, layers, attention width (None: = width; the package runs only A = C: its att_seq writes
-    (97, 64, 2, None),  # the wkv into the [T, C] token-shift buffer; A != C is checked for self-consistency below)
-    (300, 128, 3, None),
-    (61, 64, 4, None),
-]
 
 
 def hf_folder(sd, folder):
@@ -31,88 +27,6 @@ def hf_folder(sd, folder):
     return folder
 
 
-@pytest.fixture(scope="module", params=CASES, ids=lambda s: f"V{s[0]}-C{s[1]}-L{s[2]}" + (f"-A{s[3]}" if s[3] else ""))
-def case(request, tmp_path_factory):
-    vocab, width, layers, att = request.param
-    d = tmp_path_factory.mktemp(f"v4_{vocab}_{width}_{layers}")
-    pth = d / "model.pth"
-    sd = make_blinkdl_v4(vocab, width, layers, att_width=att, seed=vocab + width)
-    torch.save(sd, pth)
-    g = torch.Generator().manual_seed(1)
-    seqs = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in (1, 17, 40)]
-    ref = official_reference_v4(pth, {"full": seqs, "steps": [seqs[1]], "greedy": [[seqs[1], 8]]}, d / "ref.pt")
-    model = AutoModelForCausalLM.from_pretrained(hf_folder(sd, d / "hf"), dtype=torch.float32).eval()
-    assert isinstance(model, RWKV4ForCausalLM) and model.config.attention_hidden_size == (att or width)
-    return model, seqs, ref
-
-
-def test_one_pass_logits(case):
-    model, seqs, ref = case
-    with torch.no_grad():
-        for toks, want in zip(seqs, ref["full"]):
-            got = model(torch.tensor([toks])).logits[0]
-            assert rel_err(got, want.view(len(toks), -1)) <= TOL
-
-
-def test_token_by_token(case):
-    model, seqs, ref = case
-    toks, state, outs = seqs[1], None, []
-    with torch.no_grad():
-        for t in toks:
-            out = model(torch.tensor([[t]]), state=state, use_cache=True)
-            state = out.state
-            outs.append(out.logits[0, -1])
-    assert rel_err(torch.stack(outs), ref["steps"][0]) <= TOL
-
-
-@pytest.mark.parametrize("cuts", [(5, 12), (1, 16, 17), (39,)])
-def test_chunks_carry_state(case, cuts):
-    model, seqs, ref = case
-    toks = seqs[2]
-    state, outs, start = None, [], 0
-    with torch.no_grad():
-        for end in list(cuts) + [len(toks)]:
-            out = model(torch.tensor([toks[start:end]]), state=state, use_cache=True)
-            outs.append(out.logits[0])
-            state, start = out.state, end
-    assert rel_err(torch.cat(outs), ref["full"][2]) <= TOL
-
-
-def test_final_state_matches_official_layout(case):
-    model, seqs, ref = case
-    with torch.no_grad():
-        state = model(torch.tensor([seqs[2]]), use_cache=True).state
-    official = ref["full_state"][2]
-    A = model.config.attention_hidden_size
-    for i, (att_x, wkv, ffn_x) in enumerate(state):
-        # official v4 state per layer: [att_x, aa, bb, pp, ffn_x]; ours (att_x, stack(aa, bb, pp) [B, 3, A], ffn_x)
-        assert wkv.dtype == torch.float32 and wkv.shape == (1, 3, A)
-        assert rel_err(att_x[0], official[5 * i]) <= TOL
-        for j in range(3):
-            assert rel_err(wkv[0, j], official[5 * i + 1 + j]) <= TOL, (i, j)
-        assert rel_err(ffn_x[0], official[5 * i + 4]) <= TOL
-
-
-def test_greedy_generate_matches_official(case):
-    model, seqs, ref = case
-    prompt = torch.tensor([seqs[1]])
-    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=False,
-                         pad_token_id=0)
-    assert out[0, prompt.shape[1]:].tolist() == ref["greedy"][0]
-
-
-def test_init_state_is_the_starting_state(case):
-    model, seqs, _ = case
-    x = torch.tensor([seqs[1]])
-    init = model.init_state(1)
-    assert all(wkv.shape == (1, 3, model.config.attention_hidden_size) for _, wkv, _ in init)
-    assert all(torch.equal(wkv[:, 2], torch.full_like(wkv[:, 2], -1e30)) for _, wkv, _ in init)
-    with torch.no_grad():
-        a = model(x).logits
-        b = model(x, state=init, use_cache=True).logits
-    assert torch.equal(a, b)
-
-
 # ---- conventions shared with the other versions --------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -121,6 +35,14 @@ def small():
     model = RWKV4ForCausalLM(config)
     model.load_state_dict(hf, strict=True)
     return model.eval()
+
+
+def test_init_state_is_three_vectors_per_channel(small):
+    """The v4 WKV state (aa, bb, pp) as [B, 3, A], pp starting at -1e30 (the shared check that it is the starting
+    state is in test_parity.py)."""
+    init = small.init_state(1)
+    assert all(wkv.shape == (1, 3, small.config.attention_hidden_size) for _, wkv, _ in init)
+    assert all(torch.equal(wkv[:, 2], torch.full_like(wkv[:, 2], -1e30)) for _, wkv, _ in init)
 
 
 def test_left_padding_leaves_state_untouched(small):
@@ -198,22 +120,6 @@ def test_attention_width_other_than_hidden_size_is_self_consistent():
 
 
 # ---- conversion ---------------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("att", [None, 96])
-def test_conversion_round_trip_is_bit_identical(tmp_path, dtype, att):
-    from safetensors.torch import load_file
-    sd = make_blinkdl_v4(97, 64, 2, att_width=att, dtype=dtype, seed=7)
-    config, hf = blinkdl_to_hf(sd, where="rt.pth")
-    assert (config.vocab_size, config.hidden_size, config.num_hidden_layers) == (97, 64, 2)
-    assert config.attention_hidden_size == (att or 64) and config.intermediate_size == 256
-    hf_folder(sd, tmp_path / "hf")
-    back = hf_to_blinkdl(load_file(str(tmp_path / "hf" / "model.safetensors")), config)
-    assert list(back) == list(sd)  # same keys in the official order
-    for k, t in sd.items():
-        assert back[k].dtype == t.dtype and back[k].shape == t.shape, k
-        assert torch.equal(back[k].contiguous().view(torch.uint8), t.view(torch.uint8)), k  # the same bytes
-
 
 def test_conversion_errors_name_file_and_key():
     sd = make_blinkdl_v4(61, 64, 1)

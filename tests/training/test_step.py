@@ -69,3 +69,11 @@ def test_recompute_carries_the_gradient_through_the_whole_row(tiny_model):
         torch.testing.assert_close(g, want, rtol=2e-4, atol=1e-7)
     _, truncated = grads_of(SimpleNamespace(chunk_len=8, grad_chunks=1, recompute=False), chunked=True)
     assert any((t - w).abs().max() > 1e-3 * w.abs().max() for t, w in zip(truncated, one))  # the test can tell
+
+
+def test_freed_cpu_memory_goes_back_between_chunks():
+    """release_freed_memory trims the C library's heap on the CPU (glibc here) and leaves GPUs alone."""
+    from rwkv_peft.training.memory import release_freed_memory
+    assert release_freed_memory(torch.device("cpu")) is True
+    assert release_freed_memory(torch.device("cuda")) is False
+    assert release_freed_memory("meta") is False
