@@ -113,6 +113,7 @@ def recomputed_row_loss(acc, model, ids, targets, denom: float, chunk_len: int, 
         for s, e in spans[:-1]:
             out = model(input_ids=ids[:, s:e], state=saved[-1], use_cache=True, logits_to_keep=1)
             saved.append([tuple(t.detach().clone() for t in layer) for layer in out.state])  # not views of x
+            release_freed_memory(ids.device)
     scaler = getattr(acc, "scaler", None)  # fp16: the gradients that come back are scaled already
     total, sent = None, None
     for i in reversed(range(len(spans))):
