@@ -23,7 +23,6 @@ import importlib
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -32,36 +31,15 @@ import types
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for _p in (str(ROOT), str(ROOT / "scripts")):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+from bench_memory_cpu import peak_rss_bytes, rss_bytes  # noqa: E402  (one reader of the process's memory)
 
 VERSIONS = ("v7", "v6")
 MODES = ("fwd", "fwdbwd")
 WARMUP_TOKENS = 1024
-
-
-# ---- memory readings (this process) -------------------------------------------------------------------------------
-
-def _status_bytes(field: str):
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024  # kB
-    except OSError:
-        pass
-    return None
-
-
-def rss_bytes() -> int:
-    return _status_bytes("VmRSS") or 0
-
-
-def peak_rss_bytes() -> int:
-    hwm = _status_bytes("VmHWM")
-    if hwm is not None:
-        return hwm
-    ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return ru if sys.platform == "darwin" else ru * 1024  # bytes on macOS, kB on Linux
 
 
 # ---- one case (child process) -------------------------------------------------------------------------------------
