@@ -21,6 +21,7 @@ finds ``<project>/models/x.pth`` from any working directory.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Optional, Tuple, Union
 
@@ -100,3 +101,32 @@ def adapter_base(adapter_dir: PathLike) -> Tuple[str, Path]:
                 return spec, candidate
     raise BaseNotFoundError(f"{adapter_dir}/{MANIFEST}: the base model it was trained on, {spec!r}, is not here "
                             f"(looked in the current directory and the folders holding the adapter)")
+
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name: a Hub repository id
+
+
+class HubError(RWKVPeftError):
+    """A Hub repository that cannot be had: not on the Hub, or not in the cache while offline."""
+
+
+def local_or_hub(spec: PathLike) -> Path:
+    """``spec`` as a local path when it exists; else, when it reads as a Hub repository id (``owner/name``, no
+    file suffix), the repository's folder in the Hugging Face cache (``huggingface_hub.snapshot_download``:
+    downloaded once, read from the cache afterwards; offline, ``HF_HUB_OFFLINE=1``, only the cache is read)."""
+    text = os.fspath(spec)
+    path = resolve_path(text)
+    if path.exists() or not HUB_ID.fullmatch(text) or Path(text).suffix:
+        return path
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+    try:
+        return Path(snapshot_download(text))
+    except RepositoryNotFoundError:
+        raise HubError(f"{text!r}: no such file or folder here, and no such repository on the Hub (or it is "
+                       f"private: log in with `hf auth login`)") from None
+    except LocalEntryNotFoundError:
+        raise HubError(f"{text!r}: no such file or folder here, and not in the Hugging Face cache while the Hub "
+                       f"cannot be reached (HF_HUB_OFFLINE=1 or no network): download it once online, or pass a "
+                       f"local folder") from None
+

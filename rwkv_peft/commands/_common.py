@@ -46,19 +46,21 @@ def quoted(path: Union[str, os.PathLike]) -> str:
 
 def resolve_input(spec: Union[str, os.PathLike], arg: str, kind: str = "model") -> Path:
     """The path a MODEL / --adapter / SRC argument names; :class:`UsageError` if it is not there."""
-    from ..paths import ASSETS_PREFIX, resolve_path
+    from ..paths import ASSETS_PREFIX, HUB_ID, HubError, local_or_hub, resolve_path
     text = os.fspath(spec)
     path = resolve_path(text)
     if path.exists():
         return path
+    if kind in ("model", "adapter") and HUB_ID.fullmatch(text) and not Path(text).suffix:
+        try:
+            return local_or_hub(text)
+        except HubError as e:
+            raise UsageError(f"{arg} {e}") from None
     if text.startswith(ASSETS_PREFIX):
         from ..recipe import ASSETS_DIR
         have = sorted(f"assets:{p.parent.relative_to(ASSETS_DIR).as_posix()}"
                       for p in ASSETS_DIR.rglob("config.json"))
         hint = f"the package ships {', '.join(have)}" if have else "the package ships no models"
-    elif kind == "model" and re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", text) and not Path(text).suffix:
-        hint = (f"if {text!r} is a Hub id: rwkv-peft downloads nothing; download it first, e.g. "
-                f"`huggingface-cli download {text} --local-dir {text.split('/')[-1]}`, and pass that folder")
     elif kind == "model":
         hint = "expected a BlinkDL .pth, a Hugging Face model folder, or assets:NAME"
     elif kind == "adapter":

@@ -289,11 +289,12 @@ def _check_lora_shapes(adapter_dir: Path, base_model: nn.Module) -> None:
 
 def load_adapter(base_model: nn.Module, adapter_dir: os.PathLike, is_trainable: bool = False,
                  adapter_name: str = "default"):
-    """Load LoRA (or MiSS) and/or state from one folder onto ``base_model`` (a plain model of any version); returns
+    """Load LoRA (or MiSS) and/or state from one folder (or a Hub repository id) onto ``base_model`` (a plain model of any version); returns
     the model (a ``PeftModel`` when the folder holds LoRA or MiSS). Version and sizes are checked against the base first."""
     from ..tuners.state_tuning import STATE_FILE, config_for, load_state_any, mark_states_trainable, set_states, unwrap
 
-    adapter_dir = Path(adapter_dir)
+    from ..paths import local_or_hub
+    adapter_dir = local_or_hub(adapter_dir)  # a folder, or a Hub repository id (through the HF cache)
     from peft import PeftModel
     if isinstance(base_model, PeftModel):
         raise ValueError("load_adapter takes the plain base model (load_base_model(...)), not a PeftModel that "
