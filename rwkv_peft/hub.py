@@ -11,6 +11,8 @@ from typing import Optional
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from . import versions
+
 ADAPTER_MANIFEST = "rwkv_peft_adapter.json"
 
 
@@ -58,17 +60,19 @@ def build_model_card(folder: Path, repo_id: str, base_model: Optional[str] = Non
         base_model = base_model or (base.get("path") if _looks_like_hub_id(base.get("path")) else None)
         sizes = ", ".join(f"{k} {base[k]}" for k in ("num_hidden_layers", "hidden_size", "num_heads", "head_size",
                                                       "vocab_size") if k in base)
-        what = f"An rwkv-peft adapter ({' + '.join(methods) or 'empty'}) for an RWKV-7 base model ({sizes})."
+        version = versions.by_name(base.get("architecture")) or versions.DEFAULT
+        what = f"An rwkv-peft adapter ({' + '.join(methods) or 'empty'}) for an {version.title} base model ({sizes})."
         usage = (
             "```python\nimport rwkv_peft\nfrom rwkv_peft.methods import load_base_model, load_adapter\n\n"
-            f"base = load_base_model(\"<the base model: .pth or folder>\")\nmodel = load_adapter(base, \"{repo_id}\")\n```\n\n"
+            f"base = load_base_model(\"<the base model: .pth, folder or Hub id>\")\nmodel = load_adapter(base, \"{repo_id}\")\n```\n\n"
             "Or merge it into the base for any RWKV runtime: `rwkv-peft merge --base BASE --adapter "
             f"{repo_id} --out merged.pth`."
         )
         library = "peft" if contains.get("lora") or contains.get("miss") else "transformers"
     else:
         cfg = info["config"]
-        what = (f"An RWKV-7 model ({cfg.get('num_hidden_layers')} layers, width {cfg.get('hidden_size')}, "
+        version = versions.by_model_type(cfg.get("model_type")) or versions.DEFAULT
+        what = (f"An {version.title} model ({cfg.get('num_hidden_layers')} layers, width {cfg.get('hidden_size')}, "
                 f"vocab {cfg.get('vocab_size')}) in rwkv-peft's Hugging Face format.")
         usage = ("```python\nimport rwkv_peft\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
                  f"model = AutoModelForCausalLM.from_pretrained(\"{repo_id}\")\n"

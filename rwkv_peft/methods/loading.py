@@ -110,9 +110,9 @@ def _build_from_state_dict(config, sd, dtype: torch.dtype, device=None):
 def load_base_model(path: Union[str, os.PathLike], dtype: Union[str, torch.dtype] = "bfloat16",
                     quantization: Optional[str] = None, double_quant: bool = False, device_map=None,
                     trainable_initial_state: bool = False):
-    """Load an RWKV-7 base model for fine-tuning.
+    """Load an RWKV base model (any version in ``rwkv_peft.versions``) for fine-tuning.
 
-    path: a BlinkDL ``.pth``, one of our HF folders, or an fla RWKV-7 folder.
+    path: a BlinkDL ``.pth``, one of our HF folders, an fla RWKV-7 folder, or a Hub repository id of one.
     dtype: the dtype of the weights (and the compute dtype of 4-bit layers).
     quantization: None, "nf4", "fp4" (4-bit, ``double_quant`` optional) or "int8".
     device_map: passed to ``from_pretrained`` (default for a quantized load: GPU 0 if there is one, else CPU);
@@ -125,7 +125,8 @@ def load_base_model(path: Union[str, os.PathLike], dtype: Union[str, torch.dtype
     from .. import convert as conv
     from .. import versions
 
-    path = Path(path)
+    from ..paths import local_or_hub
+    path = local_or_hub(path)  # a file, a folder, or a Hub repository id (through the Hugging Face cache)
     if not path.exists():
         from ..models.rwkv7.convert_rwkv7 import CheckpointError
         raise CheckpointError(f"{path}: no such file or folder")
