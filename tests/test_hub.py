@@ -44,3 +44,33 @@ def test_missing_folder_and_offline_upload_fail_cleanly(tmp_path, capsys, monkey
     assert main(["publish", str(tmp_path / "hf"), "me/x"]) == 1
     captured = capsys.readouterr()
     assert "hf_secret_never_printed" not in captured.out + captured.err
+
+
+def test_push_at_the_end_of_a_run_uploads_what_publish_uploads(tmp_path, monkeypatch):
+    """train's hub.push goes through hub.publish: the same card in README.md, the same upload call."""
+    import types
+
+    import huggingface_hub
+
+    from rwkv_peft.training.checkpoint import push_to_hub
+    calls = []
+
+    class FakeApi:
+        def create_repo(self, repo_id, private, exist_ok):
+            calls.append(("create", repo_id, private))
+
+        def upload_folder(self, **kw):
+            calls.append(("upload", kw["repo_id"], sorted(p.name for p in tmp_path.joinpath("hf").iterdir()),
+                          kw["ignore_patterns"]))
+            return types.SimpleNamespace(commit_url="https://example.invalid/commit")
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    torch.save(make_blinkdl_v7(vocab=90, width=64, layers=1), tmp_path / "m.pth")
+    convert(tmp_path / "m.pth", tmp_path / "hf")
+    recipe = types.SimpleNamespace(hub=types.SimpleNamespace(repo_id="me/tiny", private=True))
+    said = []
+    push_to_hub(recipe, tmp_path / "hf", said.append)
+    assert calls[0] == ("create", "me/tiny", True) and calls[1][1] == "me/tiny" and "README.md" in calls[1][2]
+    assert calls[1][3] == ["checkpoint*/**", "*.tmp*", ".*"] and said == ["uploaded " + str(tmp_path / "hf")
+                                                                          + " to https://example.invalid/commit"]
+    assert (tmp_path / "hf" / "README.md").read_text() == str(build_model_card(tmp_path / "hf", "me/tiny"))

@@ -196,12 +196,11 @@ def write_final(acc, dst: Path, write, tokenizer, say) -> Optional[Path]:
 
 
 def push_to_hub(recipe, folder: Path, say) -> None:
+    """The run's output to ``hub.repo_id`` as ``rwkv-peft publish`` uploads it: the same model card, the same
+    files (``rwkv_peft.hub.publish``)."""
+    from ..hub import publish
     try:
-        from huggingface_hub import HfApi
-        api = HfApi()
-        api.create_repo(recipe.hub.repo_id, private=recipe.hub.private, exist_ok=True)
-        api.upload_folder(folder_path=str(folder), repo_id=recipe.hub.repo_id)
-        say(f"pushed {folder.name} to https://huggingface.co/{recipe.hub.repo_id}")
-    except Exception as e:  # noqa: BLE001
+        say(publish(folder, recipe.hub.repo_id, private=recipe.hub.private))
+    except Exception as e:  # noqa: BLE001 - the run's outputs are saved; say so and how to finish
         raise TrainingError(f"training finished and {folder} is saved, but pushing to the hub failed "
                             f"({type(e).__name__}: {e}); publish it later") from None
