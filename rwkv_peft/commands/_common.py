@@ -16,8 +16,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from ..errors import RWKVPeftError
 
-MODEL_HELP = ("the base model: a BlinkDL .pth, a Hugging Face model folder, or assets:NAME (the models that ship "
-              "with rwkv-peft, e.g. assets:quickstart/model)")
+MODEL_HELP = ("the base model: a BlinkDL .pth, a Hugging Face model folder, assets:NAME (the models that ship "
+              "with rwkv-peft, e.g. assets:quickstart/model), or a Hub repository id (owner/name)")
 MODEL_OPTIONAL_HELP = MODEL_HELP + "; default with --adapter: the base recorded in the adapter"
 FOLDER = ""  # the "suffix" of a folder output in check_output's table
 

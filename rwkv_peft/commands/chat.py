@@ -52,7 +52,8 @@ def add_arguments(p):
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = EPILOG
     p.add_argument("model", nargs="?", help=MODEL_OPTIONAL_HELP)
-    p.add_argument("--adapter", help="an adapter folder written by training (LoRA and/or a persona state)")
+    p.add_argument("--adapter", help="an adapter folder written by training (LoRA and/or a persona state), or its "
+                                     "Hub repository id")
     p.add_argument("--state", help="a state file in the runtime format (blocks.N.att.time_state) or .safetensors")
     p.add_argument("--tokenizer", help="'world' or a tokenizer folder (default: the adapter's, else the model "
                                        "folder's, else the World tokenizer)")

@@ -60,7 +60,8 @@ def add_arguments(p):
     p.add_argument("--batch-size", type=int, default=8, help="--input rows generated together (default 8)")
     p.add_argument("--user", default="User", help="the user's role name for --input rows with messages")
     p.add_argument("--assistant", default="Assistant", help="the assistant's role name for rows with messages")
-    p.add_argument("--adapter", help="an adapter folder written by training (LoRA and/or state)")
+    p.add_argument("--adapter", help="an adapter folder written by training (LoRA and/or state), or its Hub "
+                                     "repository id")
     p.add_argument("--state", help="a state file (runtime .pth with blocks.N.att.time_state, or .safetensors)")
     p.add_argument("--tokenizer", help="'world' or a tokenizer folder (default: the adapter's, else the model "
                                        "folder's, else the World tokenizer)")
