@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -133,7 +134,11 @@ def load_any(src: os.PathLike) -> Tuple[RWKV7Config, StateDict, str]:
         version = detect_version(sd)
     except CheckpointError as e:
         raise CheckpointError(f"{src}: {e}") from None
+    shifts = {k: sd.pop(k) for k in [k for k in sd if _SHIFT_KEY.fullmatch(k)]}  # full-state tuning, any version
     config, hf = versions.by_blinkdl(version, where=str(src)).blinkdl_to_hf(sd, where=str(src))
+    if shifts:
+        config.use_initial_shift = True
+        hf.update({"model." + k: v.reshape(-1).contiguous() for k, v in shifts.items()})
     return config, hf, "pth"
 
 
@@ -144,9 +149,16 @@ def causal_lm_class(config):
     return versions.of(config).causal_lm_class
 
 
+_SHIFT_KEY = re.compile(r"blocks\.\d+\.(att|ffn)\.shift_state")
+
+
 def to_blinkdl(sd: StateDict, config) -> StateDict:
-    """Our state dict -> BlinkDL keys, for any version."""
-    return versions.of(config).hf_to_blinkdl(sd, config)
+    """Our state dict -> BlinkDL keys, for any version. Learned initial shift states (full-state tuning, merged)
+    keep their names (``blocks.N.att.shift_state``, ``blocks.N.ffn.shift_state``, ``[C]``) after the rest."""
+    shifts = {k[len("model."):]: v for k, v in sd.items() if _SHIFT_KEY.fullmatch(k[len("model."):])}
+    out = versions.of(config).hf_to_blinkdl({k: v for k, v in sd.items() if k[len("model."):] not in shifts},
+                                            config)
+    return {**out, **shifts}
 
 
 def save_hf_folder(config: RWKV7Config, sd: StateDict, dst: os.PathLike, tokenizer: Optional[bool] = None) -> None:

@@ -30,7 +30,9 @@ from torch import nn
 
 from .errors import RWKVPeftError
 from .methods.adapter_io import AdapterMismatchError, check_adapter_fits, read_manifest, save_adapter
-from .tuners.state_tuning import STATE_FILE, combine_states, load_state_any, set_states, unwrap
+from .tuners.state_tuning import (
+    STATE_FILE, combine_states, load_shift_states, load_state_any, set_shift_states, set_states, unwrap,
+)
 
 __all__ = ["MergeError", "AdapterMismatchError", "merge_model", "merge_adapters", "save_merged", "COMBINATIONS"]
 
@@ -140,7 +142,7 @@ def merge_adapters(base: Union[str, os.PathLike, nn.Module, None], adapters: Seq
     else:
         model = load_base_model(base, dtype=dtype)
 
-    lora_dirs, lora_w, states, state_w = [], [], [], []
+    lora_dirs, lora_w, states, state_w, state_paths = [], [], [], [], []
     for a, w in zip(adapters, weights):
         if a.is_dir():
             check_adapter_fits(a, model)
@@ -150,6 +152,7 @@ def merge_adapters(base: Union[str, os.PathLike, nn.Module, None], adapters: Seq
             if (a / STATE_FILE).is_file():
                 states.append(load_state_any(a / STATE_FILE)[0])
                 state_w.append(w)
+                state_paths.append(a / STATE_FILE)
         else:
             from . import versions
             from .tuners.state_tuning import check_state_version, check_states, model_sizes
@@ -158,12 +161,20 @@ def merge_adapters(base: Union[str, os.PathLike, nn.Module, None], adapters: Seq
             check_states(st, model_sizes(model), where=str(a))
             states.append(st)
             state_w.append(w)
+            state_paths.append(a)
 
     if lora_dirs:
         model = _merge_loras(model, lora_dirs, lora_w, combine, density, seed)
     if states:
         merged = states[0] if len(states) == 1 and state_w[0] == 1.0 else combine_states(states, state_w)
         set_states(model, merged)
+        shifts = [load_shift_states(p) for p in state_paths]
+        if any(s is not None for s in shifts):  # full-state adapters: their shift states combine the same way
+            if any(s is None for s in shifts):
+                raise MergeError("some of the states to merge hold token-shift states (full-state tuning) and some "
+                                 "do not; merge states of one kind")
+            set_shift_states(model, [tuple(sum(float(w) * s[i][j] for s, w in zip(shifts, state_w))
+                                           for j in range(2)) for i in range(len(shifts[0]))])
     return _finish(model)
 
 
@@ -252,6 +263,7 @@ def save_merged(model: nn.Module, out: Union[str, os.PathLike], dtype: Optional[
         sd = {k: v.to(dt) for k, v in sd.items()}
     config = model.config
     config.use_initial_state = any(k.endswith("att.time_state") for k in sd)
+    config.use_initial_shift = any(k.endswith("shift_state") for k in sd)
     for attr in ("quantization_config",):
         if hasattr(config, attr):
             delattr(config, attr)

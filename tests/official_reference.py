@@ -15,6 +15,10 @@ checkpoint's time_state; v4: per layer att_x, aa, bb, pp = -1e30, ffn_x):
                                    (blocks.N.att.time_state, [h, value, key]) put into the state list transposed
                                    to the package's [h, key, value], as RWKV-Runner does for v5/v6 (results in
                                    "full_from_file")
+any version:
+  state_list: path              -> "full" again, each sequence started from this state list (a .pt list of
+                                   tensors in the package's own layout, e.g. rwkv_peft's official_state; results
+                                   in "full_from_list")
   att: {"x", "sx", "aa", "bb", "pp"} (a .pt path) -> (v4) the package's own ``att_seq`` of layer 0 on those inputs
                                    (results in "att": out, xx, aa, bb, pp)
 """
@@ -48,8 +52,14 @@ def zero_state():
     return state
 
 
-res = {"full": [], "full_state": [], "steps": [], "greedy": [], "full_from_file": [], "att": None}
+res = {"full": [], "full_state": [], "steps": [], "greedy": [], "full_from_file": [], "full_from_list": [],
+       "att": None}
 with torch.no_grad():
+    if req.get("state_list"):
+        start_list = torch.load(req["state_list"], map_location="cpu", weights_only=True)
+        for toks in req.get("full", []):
+            logits, _ = model.forward(toks, [t.clone() for t in start_list], full_output=True)
+            res["full_from_list"].append(logits.clone())
     if version != "7" and req.get("state_file"):
         from_file = torch.load(req["state_file"], map_location="cpu", weights_only=True)
         n_layer = model.args.n_layer

@@ -194,7 +194,7 @@ def _prepare(raw, cfg, tokenizer, source: str, log):
         return BinIdxRows(raw, cfg.max_length)
     ds = tokenize_dataset(raw, cfg, tokenizer, source=source, log=log)
     if cfg.pack:
-        ds = pack_dataset(ds, cfg.max_length)
+        ds = pack_dataset(ds, cfg.max_length, pack_state=cfg.pack_state)
     return ds
 
 

@@ -88,7 +88,9 @@ def save_adapter(model: nn.Module, out_dir: os.PathLike, extra: Optional[dict] =
     """
     from .. import __version__
     from ..convert import atomic_path
-    from ..tuners.state_tuning import STATE_FILE, get_states, save_state_file, state_tuning_config, unwrap
+    from ..tuners.state_tuning import (
+        STATE_FILE, get_shift_states, get_states, save_state_file, state_tuning_config, unwrap,
+    )
     from .loading import load_info
 
     base = unwrap(model)
@@ -123,11 +125,15 @@ def save_adapter(model: nn.Module, out_dir: os.PathLike, extra: Optional[dict] =
                 manifest["miss" if miss else "lora"] = _save_lora(model, Path(tmp), state_dict)
         if st is not None:
             states = get_states(model) if state_dict is None else _states_in(model, state_dict)
+            shifts = None
+            if getattr(st, "full", False):  # full-state tuning: the token-shift states too
+                shifts = get_shift_states(model) if state_dict is None else _shifts_in(model, state_dict)
             version = versions.of(base)  # the model's version, also for a config recorded by an older release
-            save_state_file(states, Path(tmp) / STATE_FILE, extra=st.to_dict(), architecture=version.name)
+            save_state_file(states, Path(tmp) / STATE_FILE, extra=st.to_dict(), architecture=version.name,
+                            shifts=shifts)
             manifest["state"] = {"file": STATE_FILE, "architecture": version.name, "layout": version.state_layout,
                                  "init": st.init, "layers": st.num_hidden_layers, "heads": st.num_heads,
-                                 "head_size": st.head_size}
+                                 "head_size": st.head_size, "full": shifts is not None}
         if extra:
             manifest["extra"] = extra
         (Path(tmp) / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
@@ -157,6 +163,14 @@ def _states_in(model, state_dict: dict) -> list:
     from ..tuners.state_tuning import time_mixes
     names = {id(m): n for n, m in model.named_modules()}
     return [state_dict[f"{names[id(m)]}.time_state"].detach().float().cpu().clone() for m in time_mixes(model)]
+
+
+def _shifts_in(model, state_dict: dict) -> list:
+    """Every layer's (time-mix, channel-mix) shift state as ``get_shift_states`` gives it, from ``state_dict``."""
+    from ..tuners.state_tuning import shift_mixes
+    names = {id(m): n for n, m in model.named_modules()}
+    return [tuple(state_dict[f"{names[id(m)]}.shift_state"].detach().float().cpu().clone() for m in pair)
+            for pair in shift_mixes(model)]
 
 
 def _save_lora(model, tmp: Path, state_dict: Optional[dict] = None) -> dict:
@@ -291,7 +305,10 @@ def load_adapter(base_model: nn.Module, adapter_dir: os.PathLike, is_trainable: 
                  adapter_name: str = "default"):
     """Load LoRA (or MiSS) and/or state from one folder (or a Hub repository id) onto ``base_model`` (a plain model of any version); returns
     the model (a ``PeftModel`` when the folder holds LoRA or MiSS). Version and sizes are checked against the base first."""
-    from ..tuners.state_tuning import STATE_FILE, config_for, load_state_any, mark_states_trainable, set_states, unwrap
+    from ..tuners.state_tuning import (
+        STATE_FILE, config_for, load_shift_states, load_state_any, mark_states_trainable, set_shift_states,
+        set_states, shift_mixes, unwrap,
+    )
 
     from ..paths import local_or_hub
     adapter_dir = local_or_hub(adapter_dir)  # a folder, or a Hub repository id (through the HF cache)
@@ -319,9 +336,14 @@ def load_adapter(base_model: nn.Module, adapter_dir: os.PathLike, is_trainable: 
     if (adapter_dir / STATE_FILE).is_file():
         states, meta = load_state_any(adapter_dir / STATE_FILE)
         set_states(model, states, meta.get("architecture"), where=str(adapter_dir / STATE_FILE))
+        shifts = load_shift_states(adapter_dir / STATE_FILE)
+        if shifts is not None:  # full-state tuning
+            set_shift_states(model, shifts, where=str(adapter_dir / STATE_FILE))
         for p in (m.time_state for m in _mixes(model)):
             p.requires_grad_(is_trainable)
-        cfg = config_for(model, init=str(adapter_dir / STATE_FILE))
+        for p in (m.shift_state for pair in (shift_mixes(model) if shifts is not None else []) for m in pair):
+            p.requires_grad_(is_trainable)
+        cfg = config_for(model, init=str(adapter_dir / STATE_FILE), full=shifts is not None)
         if is_trainable:
             unwrap(model)._rwkv_state_tuning = cfg
             mark_states_trainable(model)

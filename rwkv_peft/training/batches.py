@@ -45,7 +45,8 @@ def rows(ds, idx: List[int]) -> List[dict]:
     """Rows ``idx`` of a ``datasets.Dataset`` (one columnar read) or of a list."""
     if hasattr(ds, "select") and hasattr(ds, "column_names"):
         cols = ds[idx]
-        return [{"input_ids": a, "labels": b} for a, b in zip(cols["input_ids"], cols["labels"])]
+        names = [n for n in ("input_ids", "labels", "position_ids") if n in cols]
+        return [dict(zip(names, values)) for values in zip(*(cols[n] for n in names))]
     return [ds[i] for i in idx]
 
 
@@ -59,7 +60,7 @@ def pad_batch(batch: Dict[str, torch.Tensor], length: int) -> Dict[str, torch.Te
     extra = length - batch["input_ids"].shape[1]
     if extra <= 0:
         return batch
-    fill = {"input_ids": 0, "labels": IGNORE, "attention_mask": 0}
+    fill = {"input_ids": 0, "labels": IGNORE, "attention_mask": 0, "position_ids": 1}  # padding starts nothing
     return {k: torch.nn.functional.pad(v, (0, extra), value=fill[k]) for k, v in batch.items()}
 
 

@@ -10,6 +10,7 @@ import torch
 from ..data.packing import IGNORE, chunk_spans
 from ..models.common import shift_targets
 from .batches import batch_of
+from .step import positions
 
 
 @torch.no_grad()
@@ -37,11 +38,12 @@ def evaluate_rows(net, rows, batch_size: int, chunk_len: Optional[int] = None, d
             tokens += int((targets != IGNORE).sum())
             if same_length is not None:  # the head runs on every loss chunk, as on every other process
                 targets = targets.to(device)
-            state = None
+            state, pos = None, batch.get("position_ids")
+            pos = pos.to(device) if pos is not None else None
             for s, e in (chunk_spans(ids.shape[1], chunk_len) if chunk_len else [(0, ids.shape[1])]):
                 out = net(input_ids=ids[:, s:e], state=state, use_cache=bool(chunk_len),
                           shift_labels=targets[:, s:e], num_items_in_batch=1, return_logits=False,
-                          loss_chunk_size=loss_chunk_size)
+                          loss_chunk_size=loss_chunk_size, **positions(pos, s, e))
                 state = out.state
                 loss_sum += out.loss.double()
     net.train(was_training)

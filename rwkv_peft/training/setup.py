@@ -134,7 +134,8 @@ def build_model(recipe: Recipe, device: Optional[torch.device] = None, log=print
             raise TrainingSetupError(f"method.lora: {e}") from None
     if meth.state_tuning.enabled:
         init = meth.state_tuning.init
-        model = methods.apply_state_tuning(model, init=init if init in ("zeros", "keep") else str(resolve_path(init)))
+        model = methods.apply_state_tuning(model, init=init if init in ("zeros", "keep") else str(resolve_path(init)),
+                                           full=meth.state_tuning.full)
     if meth.miss.enabled:  # after state tuning, which freezes every parameter but LoRA's; apply_miss keeps states
         mi = meth.miss
         try:
@@ -191,7 +192,7 @@ def param_groups(model, tc, state_lr: Optional[float]) -> List[Dict]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if name.endswith("time_state"):
+        if name.endswith(("time_state", "shift_state")):
             state.append(p)
         elif p.dim() >= 2:
             decay.append(p)

@@ -70,11 +70,13 @@ def micro_batch_loss(acc, model, batch, denom: float, lc, chunked: bool, sync: b
     ``sync``: this micro-batch ends the step, so its last backward all-reduces the gradients.
     """
     ids = batch["input_ids"].to(acc.device, non_blocking=True)              # [B, T]
+    pos = batch.get("position_ids")                                         # [B, T] packed with resets, or None
+    pos = pos.to(acc.device, non_blocking=True) if pos is not None else None
     targets = shift_targets(batch["labels"])                                # [B, T] on the CPU (or the device)
     if lockstep:
         targets = targets.to(acc.device, non_blocking=True)
     if chunked and getattr(lc, "recompute", False):
-        return recomputed_row_loss(acc, model, ids, targets, denom, lc.chunk_len, sync, loss_chunk_size)
+        return recomputed_row_loss(acc, model, ids, targets, denom, lc.chunk_len, sync, loss_chunk_size, pos)
     wins = windows(ids.shape[1], lc.chunk_len, lc.grad_chunks, chunked)
     starts = trained_initial_states(model) if len(wins) > 1 and not lockstep else []  # FSDP2: see the doc
     total, state = None, None
@@ -85,7 +87,8 @@ def micro_batch_loss(acc, model, batch, denom: float, lc, chunked: bool, sync: b
             # DDP prepares its all-reduce in the forward right before the backward that syncs
             with _sync_if(acc, model, last_window and c == len(window) - 1):
                 out = model(input_ids=ids[:, s:e], state=state, use_cache=chunked, shift_labels=targets[:, s:e],
-                            num_items_in_batch=1, return_logits=False, loss_chunk_size=loss_chunk_size)
+                            num_items_in_batch=1, return_logits=False, loss_chunk_size=loss_chunk_size,
+                            **positions(pos, s, e))
             loss = out.loss if loss is None else loss + out.loss
             state = out.state if chunked else None
         with _sync_if(acc, model, last_window):
@@ -97,7 +100,7 @@ def micro_batch_loss(acc, model, batch, denom: float, lc, chunked: bool, sync: b
 
 
 def recomputed_row_loss(acc, model, ids, targets, denom: float, chunk_len: int, sync: bool,
-                        loss_chunk_size: Optional[int] = None) -> torch.Tensor:
+                        loss_chunk_size: Optional[int] = None, pos: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Chunk mode with the gradient through the whole row at the memory of one chunk (``long_context.recompute``).
 
     A forward without a graph keeps only the state at each chunk's start. Then, from the last chunk back, each
@@ -105,13 +108,13 @@ def recomputed_row_loss(acc, model, ids, targets, denom: float, chunk_len: int, 
     ``<state it handed on, gradient the later chunks sent back>``; the gradient that reaches its starting state
     goes to the chunk before. The gradients equal one pass over the row (up to rounding) for about 1.3x the
     compute. The first chunk, from the initial (learned) state, runs last: its backward is the one DDP syncs.
-    ids, targets: [B, T]; returns the row's summed token loss, detached.
+    ids, targets, pos (position ids of packed rows, or None): [B, T]; returns the row's summed token loss, detached.
     """
     spans = chunk_spans(ids.shape[1], chunk_len)
     saved = [None]                                                          # the state at each chunk's start
     with torch.no_grad():
         for s, e in spans[:-1]:
-            out = model(input_ids=ids[:, s:e], state=saved[-1], use_cache=True, logits_to_keep=1)
+            out = model(input_ids=ids[:, s:e], state=saved[-1], use_cache=True, logits_to_keep=1, **positions(pos, s, e))
             saved.append([tuple(t.detach().clone() for t in layer) for layer in out.state])  # not views of x
             release_freed_memory(ids.device)
     scaler = getattr(acc, "scaler", None)  # fp16: the gradients that come back are scaled already
@@ -121,7 +124,8 @@ def recomputed_row_loss(acc, model, ids, targets, denom: float, chunk_len: int, 
         state = None if i == 0 else [tuple(t.clone().requires_grad_(True) for t in layer) for layer in saved[i]]
         with _sync_if(acc, model, last):
             out = model(input_ids=ids[:, s:e], state=state, use_cache=True, shift_labels=targets[:, s:e],
-                        num_items_in_batch=1, return_logits=False, loss_chunk_size=loss_chunk_size)
+                        num_items_in_batch=1, return_logits=False, loss_chunk_size=loss_chunk_size,
+                        **positions(pos, s, e))
             objective = out.loss / denom
             if sent is not None:
                 unscale = 1.0 / scaler.get_scale() if scaler is not None else 1.0
@@ -132,6 +136,11 @@ def recomputed_row_loss(acc, model, ids, targets, denom: float, chunk_len: int, 
         sent = None if state is None else [t.grad for t in _flat(state)]
         total = out.loss.detach() if total is None else total + out.loss.detach()
     return total
+
+
+def positions(pos: Optional[torch.Tensor], s: int, e: int) -> dict:
+    """The ``position_ids`` of tokens ``s:e`` as model kwargs (packed rows with resets), or nothing."""
+    return {} if pos is None else {"position_ids": pos[:, s:e]}
 
 
 def _flat(state) -> List[torch.Tensor]:

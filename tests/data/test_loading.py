@@ -110,16 +110,48 @@ def test_num_proc_gives_the_same_rows(tmp_path, tok):
 
 
 def test_packing(tmp_path, tok):
-    ids, labels = pack_samples([[1, 2, 3], [4, 5], [6, 7, 8, 9], [10] * 12], [[1, 2, 3], [-100, 5], [6, 7, 8, 9],
-                                                                             [10] * 12], max_length=6)
+    samples = [[1, 2, 3], [4, 5], [6, 7, 8, 9], [10] * 12]
+    ids, labels = pack_samples(samples, [[1, 2, 3], [-100, 5], [6, 7, 8, 9], [10] * 12], max_length=6)
     assert ids == [[1, 2, 3, 4, 5], [6, 7, 8, 9], [10] * 6]
     assert labels[0] == [1, 2, 3, -100, 5]
+    ids, labels, pos = pack_samples(samples, [[1, 2, 3], [4, 5], [6, 7, 8, 9], [10] * 12], max_length=6, reset=True)
+    assert ids == [[1, 2, 3, 4, 5], [6, 7, 8, 9], [10] * 6]
+    assert labels[0] == [-100, 2, 3, -100, 5] and pos[0] == [0, 1, 2, 0, 1] and pos[2] == list(range(6))
     f = write_jsonl(tmp_path / "t.jsonl", [{"text": "ab" * (i % 5 + 1)} for i in range(30)])
     unpacked, _ = build_datasets(cfg(f, tmp_path, format="text", max_length=32), tok, log=lambda m: None)
     packed, _ = build_datasets(cfg(f, tmp_path, format="text", max_length=32, pack=True), tok, log=lambda m: None)
     assert len(packed) < len(unpacked) and max(len(r) for r in packed["input_ids"]) <= 32
     assert sum(map(len, packed["input_ids"])) == sum(map(len, unpacked["input_ids"]))
     assert pack_dataset(unpacked, 32)["input_ids"] == packed["input_ids"]
+    assert "position_ids" in packed.column_names  # reset is the default
+    carried, _ = build_datasets(cfg(f, tmp_path, format="text", max_length=32, pack=True, pack_state="carry"), tok,
+                                log=lambda m: None)
+    assert carried["input_ids"] == packed["input_ids"] and "position_ids" not in carried.column_names
+    b = collate([packed[0], packed[1]])
+    assert b["position_ids"].shape == b["input_ids"].shape
+    n = len(packed[1]["input_ids"])
+    assert (b["position_ids"][1, n:] != 0).all()  # padding starts no sample
+
+
+def test_packed_rows_with_resets_lose_what_the_samples_lose_alone(tmp_path, tok):
+    """Eval loss of packed rows (reset) equals that of the samples one per row; carried packing differs."""
+    import torch
+    from rwkv_peft.training.evaluation import evaluate_rows
+    from rwkv_peft.methods import load_base_model
+    from tests.training.helpers import tiny_model_file
+    f = write_jsonl(tmp_path / "c.jsonl", chat_rows(9))
+    kw = dict(format="chat", max_length=200)
+    alone, _ = build_datasets(cfg(f, tmp_path, **kw), tok, log=lambda m: None)
+    packed, _ = build_datasets(cfg(f, tmp_path, pack=True, **kw), tok, log=lambda m: None)
+    carried, _ = build_datasets(cfg(f, tmp_path, pack=True, pack_state="carry", **kw), tok, log=lambda m: None)
+    assert len(packed) < len(alone)
+    model = load_base_model(tiny_model_file(tmp_path / "m.pth"), dtype=torch.float32)
+    a = evaluate_rows(model, alone, batch_size=3)
+    p = evaluate_rows(model, packed, batch_size=2)
+    c = evaluate_rows(model, carried, batch_size=2)
+    assert float(a[1]) == float(p[1]) and abs(float(a[0]) - float(p[0])) < 1e-6 * float(a[0])
+    assert abs(float(a[0]) - float(c[0])) > 1e-3
+    assert abs(float(p[0]) - float(evaluate_rows(model, packed, batch_size=2, chunk_len=37)[0])) < 1e-6 * float(a[0])
 
 
 def test_collate_targets_and_chunks():

@@ -152,3 +152,42 @@ def test_lora_and_state_on_a_quantized_base(base, batch, probe, tmp_path):
     save_adapter(model, tmp_path / "q")
     loaded = load_adapter(load_base_model(path, dtype="bfloat16", quantization="nf4"), tmp_path / "q")
     assert torch.equal(logits(loaded, probe), logits(model, probe))
+
+
+def test_full_state_tuning_trains_saves_and_runs_in_the_official_package(base, batch, probe, tmp_path):
+    """Full-state tuning: the WKV state and both token-shift states of every layer train; the adapter reloads
+    exactly; the runtime .pth carries the shift states; the official package started from the full state list
+    (``official_state``) gives our logits (<= 1e-5); a WKV-only runtime file gives zeros for the shifts."""
+    from rwkv_peft.tuners.state_tuning import export_state_pth, official_state
+    version, path = base
+    model = apply_state_tuning(load_base_model(path, dtype="float32"), full=True)
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert trainable == sorted([f"model.blocks.{i}.{m}" for i in range(LAYERS)
+                                for m in ("att.time_state", "att.shift_state", "ffn.shift_state")])
+    losses = train(model, batch, steps=6, lr=0.05)
+    assert falling(losses), losses
+    assert all(b.att.shift_state.abs().max() > 0 and b.ffn.shift_state.abs().max() > 0 for b in model.model.blocks)
+    want = logits(model, probe)
+
+    save_adapter(model, tmp_path / "adapter")
+    manifest = json.loads((tmp_path / "adapter" / "rwkv_peft_adapter.json").read_text())
+    assert manifest["state"]["full"] is True
+    loaded = load_adapter(load_base_model(path, dtype="float32"), tmp_path / "adapter")
+    assert torch.equal(logits(loaded, probe), want)
+    resumed = load_adapter(load_base_model(path, dtype="float32"), tmp_path / "adapter", is_trainable=True)
+    assert sum(p.requires_grad for n, p in resumed.named_parameters() if n.endswith("shift_state")) == 2 * LAYERS
+
+    export_state_pth(tmp_path / "adapter", tmp_path / "full.pth")
+    raw = torch.load(tmp_path / "full.pth", weights_only=True)
+    assert sorted(raw) == sorted([f"blocks.{i}.{m}" for i in range(LAYERS)
+                                  for m in ("att.time_state", "att.shift_state", "ffn.shift_state")])
+    again = apply_state_tuning(load_base_model(path, dtype="float32"), init=tmp_path / "full.pth", full=True)
+    assert torch.equal(logits(again, probe), want)
+    torch.save(official_state(tmp_path / "full.pth", version.name), tmp_path / "list.pt")
+    ref = OFFICIAL[version.name](path, {"full": [probe[0].tolist()], "state_list": str(tmp_path / "list.pt")},
+                                 tmp_path / "ref.pt")
+    assert rel_err(want[0], ref["full_from_list"][0]) <= 1e-5
+    # merged into the base (.pth): the shift states travel under their own keys and load back
+    save_merged(merge_adapters(path, [tmp_path / "adapter"]), tmp_path / "merged.pth")
+    merged = load_base_model(tmp_path / "merged.pth", dtype="float32")
+    assert merged.config.use_initial_shift and rel_err(logits(merged, probe)[0], want[0]) <= 1e-5

@@ -194,7 +194,7 @@ def test_matches_the_official_att_seq(tmp_path):
     x = inp["x"][None]
     wkv_in = torch.stack([inp["aa"], inp["bb"], inp["pp"]])[None]
     with torch.no_grad():
-        dx, shift, wkv_out = block.att(block.ln1(x), inp["sx"][None], wkv_in, None)
+        dx, _, shift, wkv_out = block.att(block.ln1(x), None, inp["sx"][None], wkv_in, None)
     assert rel_err(x + dx, ref[0][None]) <= 1e-5 and rel_err(shift[0], ref[1]) <= 1e-6
     for i in range(3):
         assert rel_err(wkv_out[0, i], ref[2 + i]) <= 1e-5

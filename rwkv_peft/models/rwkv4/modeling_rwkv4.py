@@ -22,18 +22,18 @@ as each prompt alone.
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Optional
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
-from transformers.modeling_layers import GradientCheckpointingLayer
 
 from ...ops.wkv4 import empty_state, wkv4
 from ..common import (
-    LayerState, RWKVCausalLMOutput, RWKVGenerationMixin, RWKVModelMixin, RWKVOutput, init_shared_weights, token_shift,
+    RWKVBlock, RWKVCausalLMOutput, RWKVGenerationMixin, RWKVModelMixin, RWKVOutput, init_shared_weights, token_shift,
 )
+from ..rows import Rows
 from .configuration_rwkv4 import RWKV4Config
 
 MIX_NAMES = ("k", "v", "r")  # time_mix_* of the time mix, in the official definition order
@@ -58,15 +58,26 @@ class RWKV4TimeMix(nn.Module):
         self.receptance = nn.Linear(C, A, bias=False)
         self.output = nn.Linear(A, C, bias=False)
 
-    def forward(self, x, shift: Optional[torch.Tensor], wkv_state: Optional[torch.Tensor],
-                mask: Optional[torch.Tensor]):
-        x_prev, shift_out = token_shift(x, shift, mask)
+    def initial_wkv(self) -> Optional[torch.Tensor]:
+        return None  # no state tuning for RWKV-4 (see versions.py)
+
+    def blank_wkv(self) -> torch.Tensor:
+        """The empty WKV state ``(aa, bb, pp) = (0, 0, -1e30)`` as ``[3, A]``."""
+        return empty_state(1, self.attention_hidden_size, device=self.receptance.weight.device)[0]
+
+    def forward(self, x, carry, shift: Optional[torch.Tensor], wkv_state: Optional[torch.Tensor],
+                rows: Optional[Rows]):
+        x_prev, shift_out = token_shift(x, shift, rows)
         k = self.key(_mix(x, x_prev, self.time_mix_k))
         v = self.value(_mix(x, x_prev, self.time_mix_v))
         r = torch.sigmoid(self.receptance(_mix(x, x_prev, self.time_mix_r)))
-        w = -torch.exp(self.time_decay.float())                                    # log decay [A], fp32
-        y, wkv_out = wkv4(w, self.time_first.float(), k.float(), v.float(), initial_state=wkv_state, mask=mask)
-        return self.output(r * y.to(r.dtype)), shift_out, wkv_out
+        w, u = -torch.exp(self.time_decay.float()), self.time_first.float()       # log decay [A], fp32
+
+        def run(tensors, mask, initial_state):  # the op skips padding (mask 0): no write, no decay
+            return wkv4(w, u, *tensors, initial_state=initial_state, mask=mask)
+
+        y, wkv_out = (rows or Rows()).run_wkv(run, (k.float(), v.float()), wkv_state, None, self.blank_wkv)
+        return self.output(r * y.to(r.dtype)), carry, shift_out, wkv_out
 
 
 class RWKV4ChannelMix(nn.Module):
@@ -80,30 +91,15 @@ class RWKV4ChannelMix(nn.Module):
         self.receptance = nn.Linear(C, C, bias=False)
         self.value = nn.Linear(config.intermediate_size, C, bias=False)
 
-    def forward(self, x, shift: Optional[torch.Tensor], mask: Optional[torch.Tensor]):
-        x_prev, shift_out = token_shift(x, shift, mask)
+    def forward(self, x, shift: Optional[torch.Tensor], rows: Optional[Rows], tokens=None):
+        x_prev, shift_out = token_shift(x, shift, rows)
         k = torch.relu(self.key(_mix(x, x_prev, self.time_mix_k))) ** 2
         r = torch.sigmoid(self.receptance(_mix(x, x_prev, self.time_mix_r)))
         return r * self.value(k), shift_out
 
 
-class RWKV4Block(GradientCheckpointingLayer):
-    def __init__(self, config: RWKV4Config, layer_idx: int):
-        super().__init__()
-        C, eps = config.hidden_size, config.layer_norm_eps
-        self.ln1 = nn.LayerNorm(C, eps=eps)
-        self.ln2 = nn.LayerNorm(C, eps=eps)
-        self.att = RWKV4TimeMix(config, layer_idx)
-        self.ffn = RWKV4ChannelMix(config, layer_idx)
-
-    def forward(self, x, carry, state: Optional[LayerState] = None, mask: Optional[torch.Tensor] = None):
-        """``carry`` passes through untouched (RWKV-7 blocks carry ``v_first`` there; one call for all)."""
-        att_shift, wkv_state, ffn_shift = state if state is not None else (None, None, None)
-        dx, att_shift, wkv_state = self.att(self.ln1(x), att_shift, wkv_state, mask)
-        x = x + dx
-        dx, ffn_shift = self.ffn(self.ln2(x), ffn_shift, mask)
-        x = x + dx
-        return x, carry, (att_shift.float(), wkv_state, ffn_shift.float())
+class RWKV4Block(RWKVBlock):
+    time_mix_class, channel_mix_class = RWKV4TimeMix, RWKV4ChannelMix
 
 
 class RWKV4PreTrainedModel(PreTrainedModel):
@@ -156,13 +152,6 @@ class RWKV4Model(RWKVModelMixin, RWKV4PreTrainedModel):
         self.ln_out = nn.LayerNorm(C, eps=config.layer_norm_eps)
         self.gradient_checkpointing = False
         self.post_init()
-
-    def init_state(self, batch_size: int, device=None) -> List[LayerState]:
-        """The state a sequence starts from: zero token shifts and an empty WKV state ``(0, 0, -1e30)``."""
-        cfg, device = self.config, device or self.emb.weight.device
-        C, A = cfg.hidden_size, cfg.attention_hidden_size
-        return [(torch.zeros(batch_size, C, device=device), empty_state(batch_size, A, device=device),
-                 torch.zeros(batch_size, C, device=device)) for _ in self.blocks]
 
 
 class RWKV4ForCausalLM(RWKVGenerationMixin, RWKV4PreTrainedModel):

@@ -28,12 +28,14 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
 from transformers import PreTrainedModel
-from transformers.modeling_layers import GradientCheckpointingLayer
 
 from ...ops.wkv5 import wkv5
+from ... import versions
 from ..common import (
-    LayerState, RWKVCausalLMOutput, RWKVGenerationMixin, RWKVModelMixin, RWKVOutput, init_shared_weights, token_shift,
+    INITIAL_STATE_KEYS, RWKVBlock, RWKVCausalLMOutput, RWKVGenerationMixin, RWKVModelMixin, RWKVOutput,
+    init_initial_states, init_shared_weights, initial_shift, token_shift,
 )
+from ..rows import Rows
 from .configuration_rwkv5 import RWKV5Config
 
 MIX_NAMES = ("k", "v", "r", "g")  # time_mix_* of the time mix, in the official definition order
@@ -60,28 +62,43 @@ class RWKV5TimeMix(nn.Module):
         self.gate = nn.Linear(C, C, bias=False)
         self.ln_x = nn.GroupNorm(H, C, eps=config.head_norm_eps)
         self.time_state = nn.Parameter(torch.zeros(H, N, N)) if config.use_initial_state else None
+        self.shift_state = initial_shift(config)
 
-    def forward(self, x, shift: Optional[torch.Tensor], wkv_state: Optional[torch.Tensor],
-                mask: Optional[torch.Tensor]):
+    def initial_wkv(self) -> Optional[torch.Tensor]:
+        """The learned initial WKV state in the op's layout (state tuning), or None: ``att.time_state`` is kept
+        as state files keep it, the op runs on the official package's layout (``Version.state_to_op``)."""
+        return None if self.time_state is None else versions.by_name("rwkv5").state_to_op(self.time_state)
+
+    def blank_wkv(self) -> torch.Tensor:
+        return torch.zeros(self.num_heads, self.head_size, self.head_size, device=self.receptance.weight.device)
+
+    def forward(self, x, carry, shift: Optional[torch.Tensor], wkv_state: Optional[torch.Tensor],
+                rows: Optional[Rows]):
         B, T, C = x.shape
         H, N = self.num_heads, self.head_size
-        x_prev, shift_out = token_shift(x, shift, mask)
+        x_prev, shift_out = token_shift(x, shift, rows, self.shift_state)
         r = self.receptance(_mix(x, x_prev, self.time_mix_r))
         k = self.key(_mix(x, x_prev, self.time_mix_k))
         v = self.value(_mix(x, x_prev, self.time_mix_v))
         g = F.silu(self.gate(_mix(x, x_prev, self.time_mix_g)))
         w = -torch.exp(self.time_decay.float())                                   # log decay [H, N], fp32
 
-        if wkv_state is None and self.time_state is not None:
-            wkv_state = self.time_state.transpose(-1, -2)                          # [H, N(key), N(value)]
         heads = lambda t: t.reshape(B, T, H, N)  # noqa: E731
-        if mask is not None:  # padding leaves the state untouched: no write, no decay (w per token then)
-            m = mask.to(k.dtype)[..., None]
-            k, v = k * m, v * m
-            w = torch.where(mask.bool()[:, :, None, None], w, 0.0)                # [B, T, H, N]
-        o, wkv_out = wkv5(heads(r), w, heads(k), heads(v), self.time_faaaa, initial_state=wkv_state)
+        u = self.time_faaaa
+
+        def run(tensors, mask, initial_state):  # padding (mask 0) leaves the state untouched: no write, no decay
+            r, k, v = tensors
+            decay = w
+            if mask is not None:  # w per token then
+                m = mask.to(k.dtype)[..., None, None]
+                k, v = k * m, v * m
+                decay = torch.where(m.bool(), w, 0.0)                                   # [B, T, H, N]
+            return wkv5(r, decay, k, v, u, initial_state=initial_state)
+
+        o, wkv_out = (rows or Rows()).run_wkv(run, (heads(r), heads(k), heads(v)), wkv_state, self.initial_wkv(),
+                                              self.blank_wkv)
         o = self.ln_x(o.reshape(B * T, C)).view(B, T, C)
-        return self.output(o * g), shift_out, wkv_out
+        return self.output(o * g), carry, shift_out, wkv_out
 
 
 class RWKV5ChannelMix(nn.Module):
@@ -94,31 +111,17 @@ class RWKV5ChannelMix(nn.Module):
         self.key = nn.Linear(C, config.intermediate_size, bias=False)
         self.receptance = nn.Linear(C, C, bias=False)
         self.value = nn.Linear(config.intermediate_size, C, bias=False)
+        self.shift_state = initial_shift(config)
 
-    def forward(self, x, shift: Optional[torch.Tensor], mask: Optional[torch.Tensor]):
-        x_prev, shift_out = token_shift(x, shift, mask)
+    def forward(self, x, shift: Optional[torch.Tensor], rows: Optional[Rows], tokens=None):
+        x_prev, shift_out = token_shift(x, shift, rows, self.shift_state)
         k = torch.relu(self.key(_mix(x, x_prev, self.time_mix_k))) ** 2
         r = torch.sigmoid(self.receptance(_mix(x, x_prev, self.time_mix_r)))
         return r * self.value(k), shift_out
 
 
-class RWKV5Block(GradientCheckpointingLayer):
-    def __init__(self, config: RWKV5Config, layer_idx: int):
-        super().__init__()
-        C, eps = config.hidden_size, config.layer_norm_eps
-        self.ln1 = nn.LayerNorm(C, eps=eps)
-        self.ln2 = nn.LayerNorm(C, eps=eps)
-        self.att = RWKV5TimeMix(config, layer_idx)
-        self.ffn = RWKV5ChannelMix(config, layer_idx)
-
-    def forward(self, x, carry, state: Optional[LayerState] = None, mask: Optional[torch.Tensor] = None):
-        """``carry`` passes through untouched (RWKV-7 blocks carry ``v_first`` there; one call for all)."""
-        att_shift, wkv_state, ffn_shift = state if state is not None else (None, None, None)
-        dx, att_shift, wkv_state = self.att(self.ln1(x), att_shift, wkv_state, mask)
-        x = x + dx
-        dx, ffn_shift = self.ffn(self.ln2(x), ffn_shift, mask)
-        x = x + dx
-        return x, carry, (att_shift.float(), wkv_state, ffn_shift.float())
+class RWKV5Block(RWKVBlock):
+    time_mix_class, channel_mix_class = RWKV5TimeMix, RWKV5ChannelMix
 
 
 class RWKV5PreTrainedModel(PreTrainedModel):
@@ -128,7 +131,7 @@ class RWKV5PreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["RWKV5Block"]
     _is_stateful = True
-    _keys_to_ignore_on_load_missing = [r"att\.time_state"]
+    _keys_to_ignore_on_load_missing = INITIAL_STATE_KEYS
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -153,8 +156,7 @@ class RWKV5PreTrainedModel(PreTrainedModel):
             init.zeros_(module.output.weight)
             init.ones_(module.ln_x.weight)
             init.zeros_(module.ln_x.bias)
-            if module.time_state is not None:
-                init.zeros_(module.time_state)
+            init_initial_states(module)
         elif isinstance(module, RWKV5ChannelMix):
             C = cfg.hidden_size
             r1a0 = 1.0 - module.layer_idx / cfg.num_hidden_layers
@@ -164,6 +166,7 @@ class RWKV5PreTrainedModel(PreTrainedModel):
             init.uniform_(module.key.weight, -0.5 / C ** 0.5, 0.5 / C ** 0.5)
             init.zeros_(module.receptance.weight)
             init.zeros_(module.value.weight)
+            init_initial_states(module)
         else:
             init_shared_weights(module, cfg)
 
@@ -178,10 +181,6 @@ class RWKV5Model(RWKVModelMixin, RWKV5PreTrainedModel):
         self.ln_out = nn.LayerNorm(C, eps=config.layer_norm_eps)
         self.gradient_checkpointing = False
         self.post_init()
-
-    def _learned_to_state(self, time_state):
-        """State files store v5's state as [h, value, key]; the op runs on [h, key, value]."""
-        return time_state.transpose(-1, -2)
 
 
 class RWKV5ForCausalLM(RWKVGenerationMixin, RWKV5PreTrainedModel):

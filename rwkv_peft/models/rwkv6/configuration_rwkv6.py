@@ -12,6 +12,8 @@ class RWKV6Config(PretrainedConfig):
 
     ``use_initial_state`` gives every layer a learned initial WKV state (``att.time_state``, ``[H, N, N]`` in
     the layout of state files) that starts every sequence unless a state is passed in; state tuning trains it.
+    ``use_initial_shift`` gives both mixes of every layer a learned initial token-shift state (``att.shift_state``,
+    ``ffn.shift_state``, ``[C]``): full-state tuning trains them with the WKV state.
     """
 
     model_type = "rwkv6_peft"
@@ -28,6 +30,7 @@ class RWKV6Config(PretrainedConfig):
         decay_low_rank: int | None = None,
         layer_norm_eps: float = 1e-5,
         use_initial_state: bool = False,
+        use_initial_shift: bool = False,
         use_cache: bool = True,
         pad_token_id: int = 0,
         bos_token_id: int = 0,
@@ -47,6 +50,7 @@ class RWKV6Config(PretrainedConfig):
         self.decay_low_rank = decay_low_rank or 64 * wide
         self.layer_norm_eps = layer_norm_eps
         self.use_initial_state = use_initial_state
+        self.use_initial_shift = use_initial_shift
         self.use_cache = use_cache
         super().__init__(pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
                          tie_word_embeddings=tie_word_embeddings, **kwargs)

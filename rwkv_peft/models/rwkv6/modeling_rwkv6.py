@@ -24,13 +24,14 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
 from transformers import PreTrainedModel
-from transformers.modeling_layers import GradientCheckpointingLayer
 
 from ...ops.wkv6 import wkv6
+from ... import versions
 from ..common import (
-    LayerState, LowRank, RWKVCausalLMOutput, RWKVGenerationMixin, RWKVModelMixin, RWKVOutput, init_shared_weights,
-    token_shift,
+    INITIAL_STATE_KEYS, LowRank, RWKVBlock, RWKVCausalLMOutput, RWKVGenerationMixin, RWKVModelMixin, RWKVOutput, init_shared_weights,
+    init_initial_states, initial_shift, token_shift,
 )
+from ..rows import Rows
 from .configuration_rwkv6 import RWKV6Config
 
 MIX_NAMES = ("w", "k", "v", "r", "g")  # the order of the five data-dependent mixes in time_maa_w1 / w2
@@ -72,12 +73,21 @@ class RWKV6TimeMix(nn.Module):
         self.output = nn.Linear(C, C, bias=False)
         self.ln_x = nn.GroupNorm(H, C, eps=config.head_norm_eps)
         self.time_state = nn.Parameter(torch.zeros(H, N, N)) if config.use_initial_state else None
+        self.shift_state = initial_shift(config)
 
-    def forward(self, x, shift: Optional[torch.Tensor], wkv_state: Optional[torch.Tensor],
-                mask: Optional[torch.Tensor]):
+    def initial_wkv(self) -> Optional[torch.Tensor]:
+        """The learned initial WKV state in the op's layout (state tuning), or None: ``att.time_state`` is kept
+        as state files keep it, the op runs on the official package's layout (``Version.state_to_op``)."""
+        return None if self.time_state is None else versions.by_name("rwkv6").state_to_op(self.time_state)
+
+    def blank_wkv(self) -> torch.Tensor:
+        return torch.zeros(self.num_heads, self.head_size, self.head_size, device=self.receptance.weight.device)
+
+    def forward(self, x, carry, shift: Optional[torch.Tensor], wkv_state: Optional[torch.Tensor],
+                rows: Optional[Rows]):
         B, T, C = x.shape
         H, N = self.num_heads, self.head_size
-        x_prev, shift_out = token_shift(x, shift, mask)
+        x_prev, shift_out = token_shift(x, shift, rows, self.shift_state)
         xx = x_prev - x
         mw, mk, mv, mr, mg = self.maa_lora(x + xx * self.time_maa_x)
         xw = x + xx * (self.time_maa_w + mw)
@@ -92,15 +102,20 @@ class RWKV6TimeMix(nn.Module):
         g = F.silu(self.gate(xg))
         w = -torch.exp((self.time_decay + self.decay_lora(xw, torch.tanh)).float())   # log decay, fp32
 
-        if wkv_state is None and self.time_state is not None:
-            wkv_state = self.time_state.transpose(-1, -2)                          # [H, N(key), N(value)]
-        if mask is not None:  # padding leaves the state untouched: no write, no decay
-            m = mask.to(k.dtype)[..., None]
-            k, v, w = k * m, v * m, torch.where(m.bool(), w, 0.0)
         heads = lambda t: t.reshape(B, T, H, N)  # noqa: E731
-        o, wkv_out = wkv6(heads(r), heads(w), heads(k), heads(v), self.time_faaaa, initial_state=wkv_state)
+        u = self.time_faaaa
+
+        def run(tensors, mask, initial_state):  # padding (mask 0) leaves the state untouched: no write, no decay
+            r, w, k, v = tensors
+            if mask is not None:
+                m = mask.to(k.dtype)[..., None, None]
+                k, v, w = k * m, v * m, torch.where(m.bool(), w, 0.0)
+            return wkv6(r, w, k, v, u, initial_state=initial_state)
+
+        o, wkv_out = (rows or Rows()).run_wkv(run, (heads(r), heads(w), heads(k), heads(v)), wkv_state,
+                                              self.initial_wkv(), self.blank_wkv)
         o = self.ln_x(o.reshape(B * T, C)).view(B, T, C)
-        return self.output(o * g), shift_out, wkv_out
+        return self.output(o * g), carry, shift_out, wkv_out
 
 
 class RWKV6ChannelMix(nn.Module):
@@ -113,32 +128,18 @@ class RWKV6ChannelMix(nn.Module):
         self.key = nn.Linear(C, config.intermediate_size, bias=False)
         self.receptance = nn.Linear(C, C, bias=False)
         self.value = nn.Linear(config.intermediate_size, C, bias=False)
+        self.shift_state = initial_shift(config)
 
-    def forward(self, x, shift: Optional[torch.Tensor], mask: Optional[torch.Tensor]):
-        x_prev, shift_out = token_shift(x, shift, mask)
+    def forward(self, x, shift: Optional[torch.Tensor], rows: Optional[Rows], tokens=None):
+        x_prev, shift_out = token_shift(x, shift, rows, self.shift_state)
         xx = x_prev - x
         k = torch.relu(self.key(x + xx * self.time_maa_k)) ** 2
         r = torch.sigmoid(self.receptance(x + xx * self.time_maa_r))
         return r * self.value(k), shift_out
 
 
-class RWKV6Block(GradientCheckpointingLayer):
-    def __init__(self, config: RWKV6Config, layer_idx: int):
-        super().__init__()
-        C, eps = config.hidden_size, config.layer_norm_eps
-        self.ln1 = nn.LayerNorm(C, eps=eps)
-        self.ln2 = nn.LayerNorm(C, eps=eps)
-        self.att = RWKV6TimeMix(config, layer_idx)
-        self.ffn = RWKV6ChannelMix(config, layer_idx)
-
-    def forward(self, x, carry, state: Optional[LayerState] = None, mask: Optional[torch.Tensor] = None):
-        """``carry`` passes through untouched (RWKV-7 blocks carry ``v_first`` there; one call for both)."""
-        att_shift, wkv_state, ffn_shift = state if state is not None else (None, None, None)
-        dx, att_shift, wkv_state = self.att(self.ln1(x), att_shift, wkv_state, mask)
-        x = x + dx
-        dx, ffn_shift = self.ffn(self.ln2(x), ffn_shift, mask)
-        x = x + dx
-        return x, carry, (att_shift.float(), wkv_state, ffn_shift.float())
+class RWKV6Block(RWKVBlock):
+    time_mix_class, channel_mix_class = RWKV6TimeMix, RWKV6ChannelMix
 
 
 class RWKV6PreTrainedModel(PreTrainedModel):
@@ -148,7 +149,7 @@ class RWKV6PreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["RWKV6Block"]
     _is_stateful = True
-    _keys_to_ignore_on_load_missing = [r"att\.time_state"]
+    _keys_to_ignore_on_load_missing = INITIAL_STATE_KEYS
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -178,8 +179,7 @@ class RWKV6PreTrainedModel(PreTrainedModel):
             init.zeros_(module.output.weight)
             init.constant_(module.ln_x.weight, ((1 + i) / L) ** 0.7)
             init.zeros_(module.ln_x.bias)
-            if module.time_state is not None:
-                init.zeros_(module.time_state)
+            init_initial_states(module)
         elif isinstance(module, RWKV6ChannelMix):
             C = cfg.hidden_size
             r1a0 = 1.0 - module.layer_idx / cfg.num_hidden_layers
@@ -189,6 +189,7 @@ class RWKV6PreTrainedModel(PreTrainedModel):
             init.uniform_(module.key.weight, -0.5 / C ** 0.5, 0.5 / C ** 0.5)
             init.zeros_(module.receptance.weight)
             init.zeros_(module.value.weight)
+            init_initial_states(module)
         else:
             init_shared_weights(module, cfg)
 
@@ -203,10 +204,6 @@ class RWKV6Model(RWKVModelMixin, RWKV6PreTrainedModel):
         self.ln_out = nn.LayerNorm(C, eps=config.layer_norm_eps)
         self.gradient_checkpointing = False
         self.post_init()
-
-    def _learned_to_state(self, time_state):
-        """State files store v6's state as [h, value, key]; the op runs on [h, key, value]."""
-        return time_state.transpose(-1, -2)
 
 
 class RWKV6ForCausalLM(RWKVGenerationMixin, RWKV6PreTrainedModel):

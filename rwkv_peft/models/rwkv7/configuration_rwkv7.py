@@ -16,6 +16,8 @@ class RWKV7Config(PretrainedConfig):
 
     ``use_initial_state`` gives every layer a learned initial WKV state ``[H, N, N]`` (``att.time_state``)
     that starts every sequence unless a state is passed in; state tuning trains it.
+    ``use_initial_shift`` gives both mixes of every layer a learned initial token-shift state (``att.shift_state``,
+    ``ffn.shift_state``, ``[C]``): full-state tuning trains them with the WKV state.
 
     ``deep_embed_rank`` (R, 0 = off; 32 in the released models) makes it a DeepEmbed model: every channel mix has
     a per-token table ``s_emb`` ``[V, R*R]`` (plus ``s_emb_x`` ``[R*R, C]`` applied to the normalized token
@@ -40,6 +42,7 @@ class RWKV7Config(PretrainedConfig):
         gate_low_rank: int | None = None,
         layer_norm_eps: float = 1e-5,
         use_initial_state: bool = False,
+        use_initial_shift: bool = False,
         deep_embed_rank: int = 0,
         deep_embed_on_cpu: bool = True,
         use_cache: bool = True,
@@ -62,6 +65,7 @@ class RWKV7Config(PretrainedConfig):
         self.gate_low_rank = gate_low_rank or default_low_rank(hidden_size, 0.6, 0.8)
         self.layer_norm_eps = layer_norm_eps
         self.use_initial_state = use_initial_state
+        self.use_initial_shift = use_initial_shift
         self.deep_embed_rank = deep_embed_rank
         self.deep_embed_on_cpu = deep_embed_on_cpu
         self.use_cache = use_cache

@@ -20,13 +20,13 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
 from transformers import PreTrainedModel
-from transformers.modeling_layers import GradientCheckpointingLayer
 
 from ...ops.wkv7 import wkv7
 from ..common import (
-    LayerState, LowRank, RWKVCausalLMOutput, RWKVGenerationMixin, RWKVModelMixin, RWKVOutput, init_shared_weights,
-    token_shift,
+    LowRank, RWKVBlock, RWKVCausalLMOutput, RWKVGenerationMixin, RWKVModelMixin, RWKVOutput, init_shared_weights,
+    INITIAL_STATE_KEYS, init_initial_states, initial_shift, token_shift,
 )
+from ..rows import Rows
 from .configuration_rwkv7 import RWKV7Config
 
 DECAY_SCALE = math.exp(-0.5)  # the decay is exp(-exp(-0.5) * sigmoid(.)), in (0.545, 1)
@@ -50,12 +50,22 @@ class RWKV7TimeMix(nn.Module):
         self.output = nn.Linear(C, C, bias=False)
         self.ln_x = nn.GroupNorm(H, C, eps=config.head_norm_eps)
         self.time_state = nn.Parameter(torch.zeros(H, N, N)) if config.use_initial_state else None
+        self.shift_state = initial_shift(config)
+
+    def initial_wkv(self) -> Optional[torch.Tensor]:
+        """The learned initial WKV state [H, N, N] in the op's layout (state tuning), or None."""
+        return self.time_state
+
+    def blank_wkv(self) -> torch.Tensor:
+        return torch.zeros(self.num_heads, self.head_size, self.head_size, device=self.receptance.weight.device)
 
     def forward(self, x, v_first, shift: Optional[torch.Tensor], wkv_state: Optional[torch.Tensor],
-                mask: Optional[torch.Tensor]):
+                rows: Optional[Rows]):
         B, T, C = x.shape
         H, N = self.num_heads, self.head_size
-        x_prev, shift_out = token_shift(x, shift, mask)
+        if T == 1 and (rows is None or (rows.mask is None and rows.starts is None)):
+            return self._step(x, v_first, shift, wkv_state)
+        x_prev, shift_out = token_shift(x, shift, rows, self.shift_state)
         xx = x_prev - x
         xr, xw, xk, xv, xa, xg = (x + xx * m for m in (self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g))
 
@@ -73,20 +83,62 @@ class RWKV7TimeMix(nn.Module):
         else:
             v = v + (v_first - v) * torch.sigmoid(self.v0 + self.v_lora(xv))
 
-        if wkv_state is None and self.time_state is not None:
-            wkv_state = self.time_state                                              # [H, N, N], learned
         heads = lambda t: t.reshape(B, T, H, N)  # noqa: E731
-        kw, vw, ww, kkw = k, v, w, kk
-        if mask is not None:  # padding leaves the state untouched: no write, no decay, no delta
-            m = mask.to(k.dtype)[..., None]
-            kw, vw, ww, kkw = k * m, v * m, w * m.float(), kk * m[..., None]
-        # w stays fp32 (a bf16 log-decay compounds its rounding over the sequence); the op casts what it needs
-        o, wkv_out = wkv7(heads(r), heads(ww), heads(kw), heads(vw), -kkw, kkw * heads(a), initial_state=wkv_state)
-
+        rows = rows or Rows()
+        o, wkv_out = rows.run_wkv(_wkv, (heads(r), heads(w), heads(k), heads(v), kk, heads(a)), wkv_state,
+                                  self.time_state, self.blank_wkv)
         o = self.ln_x(o.reshape(B * T, C)).view(B, T, C)
         bonus = (heads(r) * heads(k) * self.r_k).sum(dim=-1, keepdim=True) * heads(v)  # [B, T, H, N]
         o = o + bonus.reshape(B, T, C)
         return self.output(o * g), v_first, shift_out, wkv_out
+
+    def _step(self, x, v_first, shift: Optional[torch.Tensor], wkv_state: Optional[torch.Tensor]):
+        """``forward`` for one token per row (decoding) with no padding or sample start: the same sums in the
+        same order on ``[B, C]`` rows, without the sequence machinery (token-shift gather, row segments)."""
+        B, _, C = x.shape
+        H, N = self.num_heads, self.head_size
+        x1 = x[:, 0]                                                                 # [B, C]
+        if shift is not None:
+            prev = shift.to(x.dtype)
+        elif self.shift_state is not None:
+            prev = self.shift_state.to(x.dtype).expand(B, C)
+        else:
+            prev = x1.new_zeros(B, C)
+        xx = prev - x1
+        mix = torch.stack((self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g))  # [6, C]
+        xr, xw, xk, xv, xa, xg = (x1.unsqueeze(1) + xx.unsqueeze(1) * mix).unbind(1)
+
+        r = self.receptance(xr)
+        w = -DECAY_SCALE * torch.sigmoid((self.w0 + self.w_lora(xw, torch.tanh)).float())  # log decay, fp32
+        k = self.key(xk)
+        v = self.value(xv)
+        a = torch.sigmoid(self.a0 + self.a_lora(xa))
+        g = self.g_lora(xg, torch.sigmoid)
+
+        kk = F.normalize((k * self.k_k).view(B, H, N), dim=-1, p=2.0)                # [B, H, N]
+        k = k * (1 + (a - 1) * self.k_a)
+        if self.layer_idx == 0:
+            v_first = v.unsqueeze(1)
+        else:
+            v = v + (v_first.view(B, C) - v) * torch.sigmoid(self.v0 + self.v_lora(xv))
+
+        rh, kh, vh = r.view(B, H, N), k.view(B, H, N), v.view(B, H, N)
+        one = lambda t: t.unsqueeze(1)  # noqa: E731   [B, H, N] -> [B, 1, H, N], the op's layout
+        o, wkv_out = wkv7(one(rh), one(w.view(B, H, N)), one(kh), one(vh), one(-kk), one(kk * a.view(B, H, N)),
+                          initial_state=wkv_state if wkv_state is not None else self.time_state)
+        o = self.ln_x(o.reshape(B, C))
+        o = o + ((rh * kh * self.r_k).sum(dim=-1, keepdim=True) * vh).view(B, C)
+        return self.output(o * g).unsqueeze(1), v_first, x1, wkv_out
+
+
+def _wkv(tensors, mask, initial_state):
+    """The WKV-7 op on ``r, w, k, v, kk, a`` [B, T, H, N]; padding (``mask`` 0) leaves the state untouched: no
+    write, no decay, no delta. w stays fp32 (a bf16 log-decay compounds its rounding over the sequence)."""
+    r, w, k, v, kk, a = tensors
+    if mask is not None:
+        m = mask.to(k.dtype)[..., None, None]
+        k, v, w, kk = k * m, v * m, w * m.float(), kk * m
+    return wkv7(r, w, k, v, -kk, kk * a, initial_state=initial_state)
 
 
 class HostEmbedding(nn.Embedding):
@@ -121,9 +173,10 @@ class RWKV7ChannelMix(nn.Module):
             self.s1 = nn.Parameter(torch.zeros(C, R))
             self.s2 = nn.Parameter(torch.zeros(R, F))
             self.s0 = nn.Parameter(torch.zeros(F))
+        self.shift_state = initial_shift(config)
 
-    def forward(self, x, shift: Optional[torch.Tensor], mask: Optional[torch.Tensor], tokens=None):
-        x_prev, shift_out = token_shift(x, shift, mask)
+    def forward(self, x, shift: Optional[torch.Tensor], rows: Optional[Rows], tokens=None):
+        x_prev, shift_out = token_shift(x, shift, rows, self.shift_state)
         k = torch.relu(self.key(x + (x_prev - x) * self.x_k)) ** 2                  # [B, T, F]
         if hasattr(self, "s_emb"):
             k = k * self.deep_embed_scale(x, tokens)
@@ -139,23 +192,8 @@ class RWKV7ChannelMix(nn.Module):
         return ss.squeeze(-2) @ self.s2 + self.s0
 
 
-class RWKV7Block(GradientCheckpointingLayer):
-    def __init__(self, config: RWKV7Config, layer_idx: int):
-        super().__init__()
-        C, eps = config.hidden_size, config.layer_norm_eps
-        self.ln1 = nn.LayerNorm(C, eps=eps)
-        self.ln2 = nn.LayerNorm(C, eps=eps)
-        self.att = RWKV7TimeMix(config, layer_idx)
-        self.ffn = RWKV7ChannelMix(config, layer_idx)
-
-    def forward(self, x, v_first, state: Optional[LayerState] = None, mask: Optional[torch.Tensor] = None,
-                tokens=None):
-        att_shift, wkv_state, ffn_shift = state if state is not None else (None, None, None)
-        dx, v_first, att_shift, wkv_state = self.att(self.ln1(x), v_first, att_shift, wkv_state, mask)
-        x = x + dx
-        dx, ffn_shift = self.ffn(self.ln2(x), ffn_shift, mask, tokens)
-        x = x + dx
-        return x, v_first, (att_shift.float(), wkv_state, ffn_shift.float())
+class RWKV7Block(RWKVBlock):
+    time_mix_class, channel_mix_class = RWKV7TimeMix, RWKV7ChannelMix
 
 
 class RWKV7PreTrainedModel(PreTrainedModel):
@@ -165,7 +203,7 @@ class RWKV7PreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["RWKV7Block"]
     _is_stateful = True
-    _keys_to_ignore_on_load_missing = [r"att\.time_state"]
+    _keys_to_ignore_on_load_missing = INITIAL_STATE_KEYS
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -197,8 +235,7 @@ class RWKV7PreTrainedModel(PreTrainedModel):
             init.zeros_(module.output.weight)
             init.constant_(module.ln_x.weight, ((1 + i) / L) ** 0.7)
             init.zeros_(module.ln_x.bias)
-            if module.time_state is not None:
-                init.zeros_(module.time_state)
+            init_initial_states(module)
         elif isinstance(module, RWKV7ChannelMix):
             C = cfg.hidden_size
             r1a0 = 1.0 - module.layer_idx / cfg.num_hidden_layers
@@ -206,6 +243,7 @@ class RWKV7PreTrainedModel(PreTrainedModel):
             init.copy_(module.x_k, 1.0 - ddd ** (r1a0 ** 4))
             init.uniform_(module.key.weight, -0.5 / C ** 0.5, 0.5 / C ** 0.5)
             init.zeros_(module.value.weight)
+            init_initial_states(module)
             if hasattr(module, "s_emb"):  # DeepEmbed starts as the plain channel mix: scale 1
                 init.zeros_(module.s_emb.weight)
                 init.zeros_(module.s_emb_x.weight)

@@ -1,0 +1,142 @@
+"""What the blocks know about the rows besides the hidden state: padding, and where packed samples start.
+
+Packed rows hold several samples one after another. Marked the Hugging Face way - ``position_ids`` that restart
+at 0 where a sample starts (``DataCollatorWithFlattening``, TRL's ``padding_free``), or ``cu_seqlens`` (the
+cumulative sample lengths over the flattened ``[B * T]`` tokens, as flash-attention's varlen API takes them) -
+every sample starts from the sequence's initial state, as if it ran alone: the WKV state and both token-shift
+states go back to zeros, or to the learned states when state tuning is on.
+
+- Token shift: at a start, a token sees the initial shift state instead of the token before it
+  (``models.common.token_shift``).
+- WKV: :class:`Segments` gathers each sample's tokens into its own row (``[S, L, ...]``, right-padded, the
+  padding neutral under the version's padding rule), runs the version's WKV op once on all of them with each
+  sample's initial state, and scatters the output back. Any WKV path (PyTorch recurrent or chunked, CUDA) runs
+  it unchanged, and the learned initial state's gradient sums over the samples. Only the WKV inputs are
+  regrouped; the projections run on the packed tokens.
+
+A start in a row's first column resets that row's incoming state (``state=``); a row's first sample continues
+from it otherwise (a long packed row run in chunks, whose chunk begins inside a sample). The state handed back
+for a row is the one its last sample leaves.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence, Tuple
+
+import torch
+
+Tensor = torch.Tensor
+
+
+def sample_starts(batch: int, length: int, position_ids: Optional[Tensor] = None,
+                  cu_seqlens: Optional[Tensor] = None, device=None) -> Optional[Tensor]:
+    """``[B, T]`` bool: True where a sample starts, from ``position_ids`` ([B, T] or [T]; 0 = a start) or
+    ``cu_seqlens`` ([S + 1] offsets into the flattened ``B * T`` tokens, from 0 to B * T); None when neither."""
+    if cu_seqlens is not None:
+        cu = torch.as_tensor(cu_seqlens).to(device=device, dtype=torch.long).flatten()
+        if cu.numel() < 2 or int(cu[0]) != 0 or int(cu[-1]) != batch * length or bool((cu[1:] < cu[:-1]).any()):
+            raise ValueError(f"cu_seqlens must rise from 0 to B*T = {batch * length} (the flattened tokens); got "
+                             f"{cu.tolist()[:8]}{' ...' if cu.numel() > 8 else ''}")
+        starts = torch.zeros(batch * length, dtype=torch.bool, device=device)
+        starts[cu[:-1][cu[:-1] < batch * length]] = True
+        return starts.view(batch, length)
+    if position_ids is None:
+        return None
+    pos = torch.as_tensor(position_ids).to(device)
+    if pos.dim() == 1:
+        pos = pos.unsqueeze(0)
+    if pos.shape[-1] != length or pos.shape[0] not in (1, batch) or pos.dim() != 2:
+        raise ValueError(f"position_ids has shape {tuple(pos.shape)}; expected [B, T] = [{batch}, {length}] or [T]")
+    return (pos == 0).expand(batch, length)
+
+
+class Segments:
+    """Each sample of packed rows as its own row: gather ``[B, T, ...] -> [S, L, ...]`` and back.
+
+    Segments begin at every sample start and at every row's first column; ``L`` is the longest segment.
+    """
+
+    def __init__(self, starts: Tensor):
+        B, T = starts.shape
+        bound = starts.clone()
+        bound[:, 0] = True
+        flat = bound.flatten()                                                   # [B*T]
+        self.shape = (B, T)
+        self.seg = flat.long().cumsum(0) - 1                                     # [B*T] segment of each token
+        first = flat.nonzero().squeeze(1)                                        # [S] its first token
+        self.offset = torch.arange(B * T, device=starts.device) - first[self.seg]  # [B*T] place in the segment
+        self.count, self.length = first.numel(), int(self.offset.max()) + 1      # S, L
+        self.row = first // T                                                    # [S]
+        self.continues = (first % T == 0) & ~starts.flatten()[first]            # [S] goes on from the row's state
+        self.last = self.seg.view(B, T)[:, -1]                                   # [B] each row's last segment
+
+    def gather(self, x: Tensor) -> Tensor:
+        """``[B, T, *rest] -> [S, L, *rest]``, zeros after each segment's end (differentiable)."""
+        rest = tuple(x.shape[2:])
+        out = x.new_zeros((self.count, self.length) + rest)
+        return out.index_put((self.seg, self.offset), x.flatten(0, 1))
+
+    def scatter(self, y: Tensor) -> Tensor:
+        """``[S, L, *rest] -> [B, T, *rest]`` (the inverse of ``gather`` on real positions)."""
+        return y[self.seg, self.offset].view(*self.shape, *y.shape[2:])
+
+    def initial(self, row_state: Optional[Tensor], blank: Tensor) -> Tensor:
+        """Each segment's initial state ``[S, ...]``: ``blank`` (a sample's start), or the row's incoming state
+        ``row_state [B, ...]`` for a row's first segment that does not start a sample."""
+        init = blank.unsqueeze(0).expand(self.count, *blank.shape)
+        if row_state is None or row_state.dim() == blank.dim():  # no per-row state: every segment starts blank
+            return init
+        keep = self.continues.view(-1, *([1] * blank.dim()))
+        return torch.where(keep, row_state.to(blank.dtype)[self.row], init)
+
+
+WkvFn = Callable[[Sequence[Tensor], Optional[Tensor], Optional[Tensor]], Tuple[Tensor, Tensor]]
+
+
+@dataclass
+class Rows:
+    """Padding and sample starts of a batch; built once per forward (``Rows.of``) and handed to every block.
+
+    mask: [B, T] (1 = real token) or None (all real); starts: [B, T] bool or None (no sample starts).
+    """
+    mask: Optional[Tensor] = None
+    starts: Optional[Tensor] = None
+    first: Optional[Tensor] = None          # [B] rows whose first column starts a sample (None: none)
+    segments: Optional[Segments] = None     # set where a sample starts after a row's first column
+    _seg_mask: Optional[Tensor] = field(default=None, repr=False)
+
+    @classmethod
+    def of(cls, mask: Optional[Tensor], starts: Optional[Tensor]) -> "Rows":
+        if starts is None or not bool(starts.any()):
+            return cls(mask=mask)
+        first = starts[:, 0] if bool(starts[:, 0].any()) else None
+        segments = Segments(starts) if starts.shape[1] > 1 and bool(starts[:, 1:].any()) else None
+        return cls(mask=mask, starts=starts, first=first, segments=segments)
+
+    def incoming(self, state: Optional[Tensor], blank: Callable[[], Tensor]) -> Optional[Tensor]:
+        """A row's incoming state (``[B, ...]``), put back to ``blank()`` where its first column starts a sample."""
+        if state is None or self.first is None:
+            return state
+        b = blank().to(state.dtype)
+        if state.dim() == b.dim():  # one state shared by the batch (a learned one): every row starts from it
+            return state
+        return torch.where(self.first.view(-1, *([1] * b.dim())), b, state)
+
+    def run_wkv(self, fn: WkvFn, tensors: Sequence[Tensor], state: Optional[Tensor], learned: Optional[Tensor],
+                zeros: Callable[[], Tensor]) -> Tuple[Tensor, Tensor]:
+        """``fn(tensors, mask, initial_state) -> (out [B, T, ...], final state [B, ...])`` on these rows, every
+        sample from the version's initial state: ``learned`` (state tuning), or ``zeros()`` (its blank state).
+
+        tensors: per-token ``[B, T, ...]``; ``fn`` applies the version's padding rule with ``mask`` and calls
+        its WKV op. ``state``: the rows' incoming state ([B, ...]); None starts every row from the initial state.
+        """
+        blank = (lambda: learned) if learned is not None else zeros  # noqa: E731
+        state = self.incoming(state, blank)
+        if self.segments is None:
+            return fn(tensors, self.mask, state if state is not None else learned)
+        seg = self.segments
+        if self._seg_mask is None:
+            real = self.mask if self.mask is not None else torch.ones(seg.shape, device=tensors[0].device)
+            self._seg_mask = seg.gather(real.to(torch.float32)[..., None])[..., 0]              # [S, L]
+        out, final = fn([seg.gather(t) for t in tensors], self._seg_mask, seg.initial(state, blank()))
+        return seg.scatter(out), final[seg.last]
