@@ -7,6 +7,8 @@
   state in that layout and RWKV-5/6's transposed (``Version.runtime_state_layout``); its RWKV-5/6 class and
   RWKV-Runner transpose the file themselves, so the file is the same for every version;
 - the same with ``out`` ending in ``.safetensors``: our self-describing state adapter;
+- the same with ``out`` ending in ``.state``, or ``runtime_format`` given ("runner", "ai00"): the state file that
+  runtime loads (``rwkv_peft.runtime_states``; Ai00's ``.state`` is safetensors, S[h, key, value], float16);
 - an adapter folder with ``base`` given (or recorded in its manifest) and ``what="model"``: the merged model;
 - a model checkpoint (``.pth``, HF or fla folder): the model in the other layout (``rwkv_peft.convert``).
 """
@@ -19,7 +21,7 @@ from typing import Optional, Union
 from . import versions
 from .errors import RWKVPeftError
 from .tuners.state_tuning import (
-    STATE_FILE, export_state_pth, load_state_any, read_state_file, save_state_file, sizes_of_states,
+    STATE_FILE, export_state_pth, read_state_file, save_state_file, sizes_of_states,
 )
 
 
@@ -28,11 +30,16 @@ class ExportError(RWKVPeftError, ValueError):
 
 
 def export_state(src: Union[str, os.PathLike], out: Union[str, os.PathLike],
-                 architecture: Optional[str] = None) -> str:
-    """State adapter folder / ``.safetensors`` / runtime ``.pth`` -> runtime ``.pth`` or ``.safetensors``.
+                 architecture: Optional[str] = None, runtime_format: Optional[str] = None) -> str:
+    """State adapter folder / ``.safetensors`` / runtime ``.pth`` / Ai00 ``.state`` -> runtime ``.pth``,
+    ``.safetensors``, or a runtime's own state file (``.state``, or ``runtime_format`` "runner" / "ai00").
     ``architecture`` ("rwkv6"): the version of a source that records none (a runtime ``.pth``)."""
+    from . import runtime_states
     src, out = Path(src), Path(out)
-    states, meta = load_state_any(src, architecture)
+    if runtime_format is not None or (out.suffix.lower() not in (".pth", ".safetensors")
+                                      and runtime_states.format_for_suffix(out) is not None):
+        return runtime_states.export_runtime_state(src, out, runtime_format, architecture)
+    states, meta = runtime_states.load_any(src, architecture)
     arch = meta.get("architecture") or architecture
     version = versions.by_name(arch)
     sizes = sizes_of_states(states, arch)
@@ -49,13 +56,14 @@ def export_state(src: Union[str, os.PathLike], out: Union[str, os.PathLike],
         save_state_file(states, out, extra=extra, architecture=arch)
         read_state_file(out)  # self-check of the metadata we just wrote
         return f"{src} -> {out} (state adapter safetensors, {desc})"
-    raise ExportError(f"{out}: a state is written as a .pth (runtime) or .safetensors (state adapter) file")
+    raise ExportError(f"{out}: a state is written as a .pth (runtime), .safetensors (state adapter) or .state "
+                      f"(Ai00) file")
 
 
 def _is_state_source(src: Path) -> bool:
     if src.is_dir():
         return (src / STATE_FILE).is_file()
-    if src.suffix == ".safetensors":
+    if src.suffix in (".safetensors", ".state"):
         return True
     if src.suffix == ".pth":
         from .convert import load_pth

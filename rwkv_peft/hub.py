@@ -1,11 +1,17 @@
 """Publishing to the Hugging Face Hub: a model card written from what a folder holds, then one upload.
 
 The token comes from ``huggingface_hub`` (``HF_TOKEN`` or ``huggingface-cli login``); it is never printed,
-logged or written anywhere by this module.
+logged or written anywhere by this module. The Hub is ``huggingface_hub``'s endpoint (``HF_ENDPOINT``, read when
+``huggingface_hub`` is imported) unless :func:`publish` is given one (a mirror, or a local stand-in in tests).
+
+Nothing local goes into the card: the training recipe it quotes has its absolute paths rewritten the way adapter
+manifests record paths (``rwkv_peft.paths.portable_path``: relative to the current directory, ``~/...``), and a
+path outside both is shown by its last part only.
 """
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -41,8 +47,22 @@ def _looks_like_hub_id(spec) -> bool:
 def _recipe_text(folder: Path) -> Optional[str]:
     for candidate in (folder / "recipe.yaml", folder.parent / "recipe.yaml"):
         if candidate.is_file():
-            return candidate.read_text(encoding="utf-8")
+            return portable_text(candidate.read_text(encoding="utf-8"))
     return None
+
+
+_ABS_PATH = re.compile(r"(?<![\w.~:/-])(/(?:[^\s'\",:#\]\}]+))")
+
+
+def portable_text(text: str) -> str:
+    """``text`` (a recipe) with every absolute path in it made portable (``portable_path``: relative to the
+    current directory, ``~/...``, ``assets:...``); one outside those is cut to ``.../<last part>``."""
+    from .paths import portable_path
+
+    def fix(m: "re.Match[str]") -> str:
+        shown = portable_path(m.group(1))
+        return f".../{Path(shown).name}" if shown.startswith("/") else shown
+    return _ABS_PATH.sub(fix, text)
 
 
 def build_model_card(folder: Path, repo_id: str, base_model: Optional[str] = None) -> ModelCard:
@@ -88,8 +108,12 @@ def build_model_card(folder: Path, repo_id: str, base_model: Optional[str] = Non
 
 
 def publish(folder: Path, repo_id: str, private: bool = True, base_model: Optional[str] = None,
-            dry_run: bool = False, commit_message: str = "Upload with rwkv-peft") -> str:
-    """Write README.md (model card) into ``folder`` and upload the folder; ``dry_run`` stops before the upload."""
+            dry_run: bool = False, commit_message: str = "Upload with rwkv-peft",
+            endpoint: Optional[str] = None) -> str:
+    """Write README.md (model card) into ``folder`` and upload the folder (``create_repo``, then
+    ``upload_folder``; checkpoints, temporary and hidden files stay behind); ``dry_run`` stops before the upload.
+    ``endpoint``: the Hub's base URL (default: ``huggingface_hub``'s, i.e. ``HF_ENDPOINT`` or huggingface.co).
+    Returns a one-line description naming the commit URL."""
     from .convert import atomic_path
     folder = Path(folder)
     card = build_model_card(folder, repo_id, base_model)
@@ -98,7 +122,7 @@ def publish(folder: Path, repo_id: str, private: bool = True, base_model: Option
     if dry_run:
         return f"dry run: model card written to {folder / 'README.md'}; nothing uploaded"
     from huggingface_hub import HfApi
-    api = HfApi()
+    api = HfApi(endpoint=endpoint.rstrip("/")) if endpoint else HfApi()
     api.create_repo(repo_id, private=private, exist_ok=True)
     info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message,
                              ignore_patterns=["checkpoint*/**", "*.tmp*", ".*"])

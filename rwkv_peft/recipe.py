@@ -140,6 +140,8 @@ class StateTuningSection(Section):
                                            "state file (.pth with blocks.N.att.time_state, or an adapter folder)")
     lr: Optional[float] = Field(None, gt=0, description="learning rate of the state (default: train.lr); "
                                                         "states usually want a much larger one than LoRA")
+    full: bool = Field(False, description="full-state tuning: both token-shift states of every layer train too "
+                                          "(the first token's 'previous token' in each mix)")
 
 
 class MethodSection(Section):
@@ -175,6 +177,9 @@ class FieldNames(Section):
     role: str = "role"
     content: str = "content"
     persona: str = "persona"
+    prompt: str = "prompt"
+    chosen: str = "chosen"
+    rejected: str = "rejected"
 
 
 class RoleNames(Section):
@@ -195,7 +200,18 @@ class TemplateSection(Section):
     The default is the RWKV chat format ``User: hi\\n\\nAssistant: hello\\n\\n``. An assistant turn is split
     after the role name and the non-blank part of the separator (``Assistant:``), so the trained tokens are
     `` hello\\n\\n`` - what the model generates after a prompt that ends in ``Assistant:``.
+
+    Chat and persona rows are rendered by the tokenizer's chat template ``name``
+    (``rwkv_peft/tokenization/chat_templates.py``, the same Jinja source as ``tokenizer.apply_chat_template``):
+    ``rwkv`` is the format above; ``g1`` is the RWKV-7 G1 reasoning format, where each assistant turn is
+    ``Assistant: <think>\\nREASONING\\n</think>\\nANSWER\\n\\n`` (an empty ``<think>\\n</think>`` without
+    reasoning), and ``train_think`` says whether the think block is trained or only the answer after it. The other
+    keys here are the templates' settings.
     """
+    name: Literal["rwkv", "g1"] = Field("rwkv", description="chat template for chat/persona rows: rwkv (User/"
+                                                            "Assistant) or g1 (RWKV-7 G1, with <think> blocks)")
+    train_think: bool = Field(True, description="g1: train the think block of assistant turns too (false: only "
+                                                "the answer after </think>)")
     roles: RoleNames = Field(default_factory=RoleNames)
     instruction: InstructionNames = Field(default_factory=InstructionNames)
     role_separator: str = ": "
@@ -224,7 +240,9 @@ class DataSection(Section):
     eval_split: float = Field(0.0, ge=0.0, description="hold out this fraction (< 1) or this many rows (>= 1) "
                                                        "of train when eval is not given")
     split: str = Field("train", description="split to read from a hub dataset or a saved DatasetDict")
-    format: Literal["text", "instruction", "chat", "persona"] = "text"
+    format: Literal["text", "instruction", "chat", "persona", "preference", "prompt"] = Field(
+        "text", description="preference: prompt, chosen, rejected (train.objective dpo / orpo); prompt: prompts "
+                            "and any columns the reward functions read (grpo)")
     fields: FieldNames = Field(default_factory=FieldNames)
     template: TemplateSection = Field(default_factory=TemplateSection)
     persona: Optional[str] = Field(None, description="persona text for rows that have none (persona format)")
@@ -234,6 +252,10 @@ class DataSection(Section):
     add_eos: bool = Field(True, description="end every sample with the end-of-text token (id 0)")
     max_length: int = Field(1024, gt=1, description="tokens per training row (the longest kept sample)")
     pack: bool = Field(False, description="pack several short samples into each row")
+    pack_state: Literal["reset", "carry"] = Field(
+        "reset", description="what a packed sample starts from: reset = the initial state, as if alone (fine-"
+                             "tuning; state tuning); carry = the state the previous sample left (pre-training "
+                             "on documents)")
     long_context: LongContextSection = Field(default_factory=LongContextSection)
     on_bad_row: Literal["skip", "fail"] = Field("fail", description="what a malformed row does")
     num_proc: int = Field(1, gt=0, description="processes for tokenization")
@@ -278,6 +300,9 @@ class TrainSection(Section):
     resume: Union[bool, str] = Field(False, description="true: the latest checkpoint in the output folder; "
                                                         "or a checkpoint folder")
     report_to: List[Literal["tensorboard", "wandb"]] = Field(default_factory=lambda: ["tensorboard"])
+    objective: Literal["sft", "dpo", "orpo", "grpo"] = Field(
+        "sft", description="sft: next-token loss (our loop); dpo / orpo: preference pairs, grpo: prompts and "
+                           "reward functions (through TRL; settings in the dpo / orpo / grpo section)")
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
@@ -288,6 +313,76 @@ class TrainSection(Section):
     def _check(self):
         if self.warmup_steps is not None and self.warmup_ratio is not None:
             raise ValueError("give warmup_steps or warmup_ratio, not both")
+        return self
+
+
+# ---- objectives beyond sft (through TRL; training/objectives.py) ------------------------------------------------
+
+DPO_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm")
+REWARD_PATH = re.compile(r"^[^:\s]+:[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class DPOSection(Section):
+    """Direct preference optimisation (TRL's DPOTrainer) on ``data.format: preference`` rows. The reference is the
+    base model: the adapter off (LoRA / MiSS disabled, the base's own initial state)."""
+    beta: float = Field(0.1, gt=0, description="how strongly the policy is held to the reference (TRL's beta; "
+                                               "0.1 is usual, larger stays closer)")
+    loss_type: Literal[DPO_LOSSES] = Field("sigmoid", description="TRL's DPO loss: sigmoid (DPO), ipo, hinge, "
+                                                                  "robust, ... (TRL's DPOConfig.loss_type)")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="assumed fraction of flipped labels "
+                                                                    "(robust / cDPO)")
+
+
+class ORPOSection(Section):
+    """Odds-ratio preference optimisation (TRL's ORPOTrainer): SFT on the chosen answer plus an odds-ratio term;
+    no reference model."""
+    beta: float = Field(0.1, gt=0, description="weight of the odds-ratio term (lambda in the ORPO paper)")
+
+
+class GRPOSection(Section):
+    """Group relative policy optimisation (TRL's GRPOTrainer) on ``data.format: prompt`` rows: each prompt is
+    answered ``num_generations`` times and the answers are rewarded against each other."""
+    reward_funcs: List[str] = Field(
+        default_factory=list, description="reward functions as 'package.module:function' (or 'file.py:function'); "
+                                          "each gets prompts=, completions= and the row's other columns as lists "
+                                          "and returns one float per completion (see rwkv_peft/rewards.py)")
+    reward_weights: Optional[List[float]] = Field(None, description="one weight per reward function (default 1)")
+    num_generations: int = Field(4, ge=2, description="answers per prompt (train.batch_size x train.grad_accum "
+                                                      "counts answers and must be a multiple of it)")
+    max_completion_length: int = Field(128, gt=0, description="tokens generated per answer at most")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature of the answers")
+    top_p: float = Field(1.0, gt=0, le=1.0)
+    top_k: int = Field(0, ge=0, description="0: no top-k")
+    beta: float = Field(0.0, ge=0, description="KL penalty towards the reference (the adapter off); 0 (TRL's "
+                                               "default) needs no reference pass")
+    epsilon: float = Field(0.2, gt=0, description="clipping of the policy ratio")
+    num_iterations: int = Field(1, gt=0, description="optimisation passes over each batch of answers")
+    loss_type: Literal["dapo", "grpo", "dr_grpo", "bnpo", "cispo"] = "dapo"
+    scale_rewards: Literal["group", "batch", "none"] = Field("group", description="divide the advantages by the "
+                                                                                  "reward spread of the group, "
+                                                                                  "the batch, or not at all")
+    log_completions: bool = Field(False, description="print a table of prompts, answers and rewards at each log")
+
+    @field_validator("scale_rewards", mode="before")
+    @classmethod
+    def _word(cls, v):
+        return _yaml_bool_to_word(v)
+
+    @field_validator("reward_funcs")
+    @classmethod
+    def _paths(cls, v):
+        for i, item in enumerate(v):
+            if not REWARD_PATH.match(item):
+                raise ValueError(f"item {i} {item!r}: expected 'package.module:function' or "
+                                 f"'path/to/file.py:function', e.g. 'rwkv_peft.rewards:concise'")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
+            raise ValueError(f"reward_weights has {len(self.reward_weights)} weights for {len(self.reward_funcs)} "
+                             f"reward functions")
         return self
 
 
@@ -326,6 +421,9 @@ class Recipe(Section):
     eval: EvalSection = Field(default_factory=EvalSection)
     output: OutputSection = Field(default_factory=OutputSection)
     hub: HubSection = Field(default_factory=HubSection)
+    dpo: DPOSection = Field(default_factory=DPOSection)
+    orpo: ORPOSection = Field(default_factory=ORPOSection)
+    grpo: GRPOSection = Field(default_factory=GRPOSection)
 
     _source: Optional[str] = PrivateAttr(None)
 
@@ -336,6 +434,9 @@ class Recipe(Section):
                              "method.state_tuning (or remove model.quantization)")
         if self.method.lora.init == "pissa" and self.model.quantization:
             raise ValueError("method.lora.init: pissa needs a full-precision base (remove model.quantization)")
+        problems = objective_problems(self)
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
     @property
@@ -357,6 +458,51 @@ class Recipe(Section):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+
+def objective_problems(recipe: "Recipe") -> List[str]:
+    """What does not fit ``train.objective`` (each message names the keys)."""
+    obj, dc, meth = recipe.train.objective, recipe.data, recipe.method
+    wanted = {"sft": None, "dpo": "preference", "orpo": "preference", "grpo": "prompt"}[obj]
+    problems = []
+    for other in ("dpo", "orpo", "grpo"):
+        section = getattr(recipe, other)
+        if other != obj and section != type(section)():  # a dumped recipe holds every section at its defaults
+            problems.append(f"the {other} section is set but train.objective is {obj!r} (set train.objective: "
+                            f"{other}, or remove the section)")
+    if wanted is None and dc.format in ("preference", "prompt"):
+        problems.append(f"data.format: {dc.format} is for train.objective: "
+                        f"{'dpo or orpo' if dc.format == 'preference' else 'grpo'} (train.objective is sft)")
+    if wanted is not None and dc.format != wanted:
+        problems.append(f"train.objective: {obj} reads data.format: {wanted} rows "
+                        + ("(prompt, chosen, rejected)" if wanted == "preference" else "(a prompt each)")
+                        + f"; data.format is {dc.format!r}")
+    if wanted is None:
+        return problems
+    if dc.long_context.mode == "chunk":
+        problems.append(f"train.objective: {obj} runs each row in one pass: data.long_context.mode: chunk is not "
+                        f"supported (use truncate and a data.max_length that holds prompt and answer)")
+    if dc.pack:
+        problems.append(f"data.pack: true is not supported with train.objective: {obj} (rows are pairs or prompts)")
+    if meth.lora.enabled and meth.lora.init in ("pissa", "olora") and (obj == "dpo" or
+                                                                      (obj == "grpo" and recipe.grpo.beta > 0)):
+        problems.append(f"method.lora.init: {meth.lora.init} with train.objective: {obj}: the reference pass "
+                        f"switches the adapter off, which leaves PiSSA / OLoRA's residual base instead of the base; "
+                        f"use the default init")
+    if obj == "grpo":
+        g = recipe.grpo
+        if not g.reward_funcs:
+            problems.append("grpo.reward_funcs: train.objective: grpo needs at least one reward function, e.g. "
+                            "['rwkv_peft.rewards:concise']")
+        answers = recipe.train.batch_size * recipe.train.grad_accum
+        if answers % g.num_generations:
+            problems.append(f"train.batch_size x train.grad_accum ({answers}) counts answers in grpo and must be a "
+                            f"multiple of grpo.num_generations ({g.num_generations})")
+        if g.beta > 0 and meth.kind in ("state", "full"):
+            problems.append(f"grpo.beta > 0 needs a reference model, which TRL's GRPOTrainer reloads from "
+                            f"model.path for method {meth.kind!r}; use grpo.beta: 0, or method.lora / method.miss "
+                            f"(the reference is the adapter switched off)")
+    return problems
 
 
 # ---- loading, overrides and error reporting -------------------------------------------------------------------
@@ -600,6 +746,12 @@ def check_paths(recipe: Recipe) -> List[str]:
                     and not Path(str(resolve_path(item)) + ".idx").exists():
                 problems.append(f"{_source_line(recipe, loc)}: data.{key}: {item!r} is not a file, folder or "
                                 f"binidx prefix here, and does not look like a hub dataset name")
+    if recipe.train.objective == "grpo":  # reward functions named by file (module names are imported at start)
+        for i, spec in enumerate(recipe.grpo.reward_funcs):
+            module = spec.rpartition(":")[0]
+            if module.endswith(".py") and not resolve_path(module).is_file():
+                problems.append(f"{_source_line(recipe, ('grpo', 'reward_funcs', i))}: grpo.reward_funcs[{i}]: "
+                                f"reward file {module!r} does not exist")
     if isinstance(recipe.train.resume, str) and not resolve_path(recipe.train.resume).is_dir():
         problems.append(f"{_source_line(recipe, ('train', 'resume'))}: train.resume: checkpoint folder "
                         f"{recipe.train.resume!r} does not exist")

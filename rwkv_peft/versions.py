@@ -3,7 +3,8 @@
 A version is one folder (``rwkv_peft/models/rwkvN/``: configuration, modeling, conversion to and from BlinkDL
 ``.pth`` keys) and one :class:`Version` entry in :data:`VERSIONS`. Everything else asks this table: checkpoint
 detection and conversion (``convert.py``), loading (``methods/loading.py``), LoRA presets (``methods/lora.py``),
-adapter manifests (``methods/adapter_io.py``), the Auto-class registration (``__init__.py``) and state tuning.
+adapter manifests (``methods/adapter_io.py``), the Auto-class registration (``__init__.py``), state tuning, and
+the runtimes' state files (``runtime_states.py``: RWKV-Runner's ``.pth``, Ai00's ``.state``; :class:`RuntimeStateFile`).
 
 Module names LoRA can target, per block (``model.blocks.N.``): the time-mix projections ``att.receptance``,
 ``att.key``, ``att.value``, ``att.output`` (RWKV-5/6 also ``att.gate``), the channel mix ``ffn.key``,
@@ -21,6 +22,39 @@ from .errors import CheckpointError
 # S[h, key, value] (the RWKV-5/6 state the official package carries)
 VALUE_KEY = "[H, N(value), N(key)]"
 KEY_VALUE = "[H, N(key), N(value)]"
+
+
+@dataclass(frozen=True)
+class RuntimeStateFile:
+    """How one inference runtime reads a learned initial state from its own file (``rwkv_peft.runtime_states``
+    writes and reads it). Facts read off each runtime's loader; ``sources`` names the files they come from."""
+    name: str                      # what ``rwkv-peft export --format`` takes: "runner"
+    runtime: str                   # what users read: "RWKV-Runner"
+    suffix: str                    # the file name's suffix the runtime lists: ".pth"
+    container: str                 # "torch" (``torch.save`` of a dict of tensors) or "safetensors"
+    key: str = "blocks.{layer}.att.time_state"   # one tensor per layer, [H, N, N]
+    layout: str = VALUE_KEY        # the tensor's axes
+    dtype: str = "float32"         # the only dtype the runtime accepts ("float16": web-rwkv's load_matrix_f16)
+    token_shift: bool = False      # whether the file carries token-shift vectors (else the runtime uses zeros)
+    metadata: Tuple[Tuple[str, str], ...] = ()   # safetensors header metadata the runtime's own converter writes
+    sources: str = ""
+
+
+# RWKV-Runner (backend-python/utils/rwkv.py ``load_rwkv_state``): torch.load of {blocks.N.att.time_state: [H, N, N]};
+# v7 used as it is, v5/v6 ``.transpose(1, 2)`` into the official package's state list; token shifts zeros
+RUNNER_STATE = RuntimeStateFile(
+    "runner", "RWKV-Runner", ".pth", "torch", sources="josStorer/RWKV-Runner backend-python/utils/rwkv.py "
+    "(load_rwkv_state), frontend/src/startup.ts (state-models/ listing)")
+# Ai00 server (crates/ai00-core/src/lib.rs ``load_runtime``) reads a safetensors file through web-rwkv's
+# ``runtime/v{5,6,7}.rs`` ``read_state``: ``load_matrix_f16`` (F16 only), then a transpose into web-rwkv's state
+# buffer, whose rows are the key and columns the value (``shaders/time_mix_v7.wgsl``): the file is S[h, key, value]
+# for every version; Ai00's converter (assets/scripts/convert_safetensors.py) transposes ``time_state`` the same way
+AI00_STATE = RuntimeStateFile(
+    "ai00", "Ai00 (web-rwkv)", ".state", "safetensors", layout=KEY_VALUE, dtype="float16",
+    metadata=(("format", "pt"),), sources="Ai00-X/ai00_server crates/ai00-core/src/lib.rs (load_runtime, "
+    "load_model_state), assets/scripts/convert_safetensors.py; cryscan/web-rwkv src/runtime/v5.rs, v6.rs, v7.rs "
+    "(read_state), src/runtime/loader.rs (load_matrix_f16), src/shaders/time_mix_v7.wgsl / time_mix_v6.wgsl")
+RUNTIME_STATE_FILES: Tuple[RuntimeStateFile, ...] = (RUNNER_STATE, AI00_STATE)
 
 _ATTENTION = ("att.receptance", "att.key", "att.value", "att.output")
 _FFN = ("ffn.key", "ffn.value")
@@ -57,6 +91,8 @@ class Version:
     # whether the official package starts every sequence from a ``time_state`` stored in the checkpoint itself
     # (v5/v6: ``RWKV.forward`` with ``state=None``); otherwise the runtime passes the state in
     runtime_reads_checkpoint_state: bool = False
+    # the state files inference runtimes load for this version (``rwkv-peft export --format NAME``)
+    runtime_state_files: Tuple[RuntimeStateFile, ...] = ()
     notes: str = ""
     _cache: dict = field(default_factory=dict, compare=False, repr=False)
 
@@ -106,9 +142,30 @@ class Version:
         """The runtime state file's tensor -> our ``att.time_state``."""
         return self._relayout(s, self.state_file_layout, self.state_layout)
 
+    def state_to_op(self, s):
+        """Our ``att.time_state`` -> the layout the model's WKV op carries (the official package's state list)."""
+        return self._relayout(s, self.state_layout, self.runtime_state_layout)
+
     def file_to_runtime_state(self, s):
         """The runtime state file's tensor -> the WKV state in the official package's state list."""
         return self._relayout(s, self.state_file_layout, self.runtime_state_layout)
+
+    def runtime_state_file(self, name: str) -> RuntimeStateFile:
+        """The state file runtime ``name`` ("runner", "ai00") loads for this version; ``ValueError`` naming the
+        runtimes this version has when it has none called so."""
+        found = next((f for f in self.runtime_state_files if f.name == name), None)
+        if found is None:
+            have = ", ".join(f.name for f in self.runtime_state_files) or "none (no learned state)"
+            raise ValueError(f"{self.title}: no runtime state file format {name!r}; this version has: {have}")
+        return found
+
+    def state_to_runtime_file(self, s, fmt: RuntimeStateFile):
+        """Our ``att.time_state`` [H, N, N] -> the tensor of runtime file ``fmt`` (before its dtype cast)."""
+        return self._relayout(s, self.state_layout, fmt.layout)
+
+    def state_from_runtime_file(self, s, fmt: RuntimeStateFile):
+        """The tensor of runtime file ``fmt`` -> our ``att.time_state``."""
+        return self._relayout(s, fmt.layout, self.state_layout)
 
     def blinkdl_to_hf(self, sd, where: str):
         """(config, our state dict) of a BlinkDL state dict of this version."""
@@ -121,14 +178,17 @@ class Version:
 VERSIONS: Tuple[Version, ...] = (
     Version("rwkv7", "RWKV-7", "7", "RWKV7",
             _presets(_ATTENTION, _FFN, [f"att.{x}_lora.{p}" for x in "wavg" for p in ("down", "up")]),
-            never_targeted=("blocks.0.att.v_lora.down", "blocks.0.att.v_lora.up"), state_tuning=True),
+            never_targeted=("blocks.0.att.v_lora.down", "blocks.0.att.v_lora.up"), state_tuning=True,
+            runtime_state_files=RUNTIME_STATE_FILES),
     Version("rwkv6", "RWKV-6", "6", "RWKV6",
             _presets((*_ATTENTION, "att.gate"), (*_FFN, "ffn.receptance"),
                      ("att.maa_lora.down", "att.decay_lora.down", "att.decay_lora.up")),
-            state_tuning=True, runtime_state_layout=KEY_VALUE, runtime_reads_checkpoint_state=True),
+            state_tuning=True, runtime_state_layout=KEY_VALUE, runtime_reads_checkpoint_state=True,
+            runtime_state_files=RUNTIME_STATE_FILES),
     Version("rwkv5", "RWKV-5.2", "5.2", "RWKV5",  # no low-rank maps: "all" is the default set
             _presets((*_ATTENTION, "att.gate"), (*_FFN, "ffn.receptance")),
-            state_tuning=True, runtime_state_layout=KEY_VALUE, runtime_reads_checkpoint_state=True),
+            state_tuning=True, runtime_state_layout=KEY_VALUE, runtime_reads_checkpoint_state=True,
+            runtime_state_files=RUNTIME_STATE_FILES),
     # RWKV-4: no heads, no gate, no low-rank maps ("all" is the default set); its WKV state is three vectors per
     # channel (numerator, denominator, shared exponent: [B, 3, A]), no matrix state to learn, so no state tuning
     Version("rwkv4", "RWKV-4", "4", "RWKV4",

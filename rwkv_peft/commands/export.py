@@ -4,12 +4,13 @@ from pathlib import Path
 
 from ._common import UsageError
 
-HELP = ("export a state adapter to a runtime state .pth, or an adapter (merged) / checkpoint to .pth, HF or "
-        "GGUF (llama.cpp, ollama)")
+HELP = ("export a state adapter to a runtime state file (.pth: official package / RWKV-Runner; .state: Ai00), or "
+        "an adapter (merged) / checkpoint to .pth, HF or GGUF (llama.cpp, ollama)")
 
 EPILOG = """\
 examples:
-  rwkv-peft export outputs/run1/adapter persona_state.pth      state adapter -> runtime state file
+  rwkv-peft export outputs/run1/adapter persona_state.pth      state adapter -> runtime state file (RWKV-Runner)
+  rwkv-peft export outputs/run1/adapter persona.state          state adapter -> Ai00 state file (--format ai00)
   rwkv-peft export persona_state.pth persona.safetensors      runtime state -> self-describing state adapter
   rwkv-peft export outputs/run1/adapter merged/ --what model  merged model (base: recorded in the adapter)
   rwkv-peft export outputs/run1/adapter merged.pth --base base.pth --what model   merged into a given base
@@ -18,7 +19,10 @@ examples:
   rwkv-peft export outputs/run1/adapter merged.gguf           adapter merged onto its base, as GGUF
 
 A runtime state file holds blocks.N.att.time_state shaped [H, N, N] (S[h, value, key], fp32): the layout the
-official rwkv package and RWKV runtimes load as the initial state. SRC and --base accept what a recipe's
+official rwkv package and RWKV-Runner load as the initial state (RWKV-Runner lists state-models/*.pth). A
+.state file (--format ai00) is Ai00's: safetensors with the same keys, S[h, key, value], float16 (what Ai00 reads
+through web-rwkv; list it under [[state]] in Ai00's Config.toml). Neither runtime reads token-shift states.
+--format picks the runtime explicitly and must agree with OUT's suffix. SRC and --base accept what a recipe's
 model.path accepts (assets:NAME, ~, .pth files, folders). A .gguf output always holds the (merged) model, with
 the RWKV World tokenizer; --dtype f32/f16/bf16/q8_0 (default: bf16 for a bf16 model, else f16). GGUF cannot
 hold a learned initial state (state tuning): export that as a runtime state .pth instead.
@@ -33,13 +37,18 @@ def add_arguments(p):
     import argparse
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = EPILOG
-    p.add_argument("src", help="an adapter folder, a state file (.pth / .safetensors) or a model checkpoint "
-                               "(.pth, folder, assets:NAME)")
-    p.add_argument("out", help="a .pth file, a .safetensors state file, or a folder (Hugging Face model)")
+    p.add_argument("src", help="an adapter folder, a state file (.pth / .safetensors / Ai00 .state) or a model "
+                               "checkpoint (.pth, folder, assets:NAME)")
+    p.add_argument("out", help="a .pth file, a .safetensors state file, an Ai00 .state file, a .gguf, or a folder "
+                               "(Hugging Face model)")
     p.add_argument("--what", choices=["auto", "state", "model"], default="auto",
                    help="export the state or the merged model (default: the state when SRC holds one and no "
                         "--base is given)")
     p.add_argument("--base", help="base checkpoint to merge an adapter into (default: recorded in the adapter)")
+    p.add_argument("--format", choices=["runner", "ai00"], default=None, dest="runtime_format",
+                   help="the runtime a state file is for: runner (RWKV-Runner / official package .pth, fp32, "
+                        "S[h, value, key]) or ai00 (Ai00 / web-rwkv .state, safetensors fp16, S[h, key, value]); "
+                        "default: by OUT's suffix (.pth: runner, .state: ai00)")
     p.add_argument("--dtype", choices=DTYPES, metavar="DTYPE",
                    help="dtype of exported model weights: float32, bfloat16, float16; for .gguf also f32, bf16, "
                         "f16 and q8_0")
@@ -58,7 +67,13 @@ def run(args) -> int:
     except CheckpointError as e:
         raise UsageError(str(e)) from None
     to_gguf = Path(args.out).suffix.lower() == ".gguf"
+    runtime_format = getattr(args, "runtime_format", None)
+    runtime_file = runtime_format is not None or Path(args.out).suffix.lower() == ".state"
     as_state = not to_gguf and (args.what == "state" or (args.what == "auto" and args.base is None and state_source))
+    if runtime_format is not None and not as_state:
+        raise UsageError(f"--format {runtime_format} is for state files; this export writes a model (OUT "
+                         f"{args.out!r}" + (", --what model" if args.what == "model" else "")
+                         + (", --base given" if args.base else "") + ")")
     if args.dtype and args.dtype not in ("float32", "bfloat16", "float16") and not to_gguf:
         raise UsageError(f"--dtype {args.dtype}: {args.dtype} is a GGUF type; a .pth or Hugging Face export takes "
                          f"float32, bfloat16 or float16")
@@ -69,10 +84,16 @@ def run(args) -> int:
             if not state_source:
                 raise UsageError(f"SRC {args.src!r} holds no state to export (no state_adapter.safetensors, no "
                                  f"blocks.N.att.time_state); use --what model to export the model")
-            out, _ = check_output(args.out, STATE_OUTPUTS, arg="OUT", command="export (a state)",
-                                  hint="add --what model to export the merged model instead"
-                                  if is_adapter_dir(src) and args.what == "auto" else "")
-            msg = export_state(src, out).replace(str(src), shown(args.src), 1)
+            if runtime_file:
+                from ..runtime_states import format_for_output
+                out = Path(args.out)
+                format_for_output(args.out, runtime_format)  # OUT's suffix agrees with --format
+            else:
+                more = "a .state file is Ai00's runtime state (--format ai00)"
+                out, _ = check_output(args.out, STATE_OUTPUTS, arg="OUT", command="export (a state)",
+                                      hint=f"add --what model to export the merged model instead; {more}"
+                                      if is_adapter_dir(src) and args.what == "auto" else more)
+            msg = export_state(src, out, runtime_format=runtime_format).replace(str(src), shown(args.src), 1)
             if is_adapter_dir(src) and (src / "adapter_config.json").is_file():
                 msg += (" (the folder's LoRA is not part of a state file: use --what model to export the merged "
                         "model)")

@@ -75,6 +75,7 @@ def next_steps(recipe, recipe_arg: str, final_dir, overrides=()) -> str:
     # eval reads the same recipe: the --set values that say where the data and the run are, not how to train
     keep = [o for o in overrides if o.split("=", 1)[0].strip().split(".")[0] in ("data", "output", "model", "eval")
             and not o.replace(" ", "").startswith("output.overwrite=")]
-    lines += ["  # loss and perplexity on the recipe's held-out data",
-              f"  rwkv-peft eval {quoted(recipe_arg)}" + "".join(f" --set {quoted(o)}" for o in keep)]
+    if recipe.train.objective == "sft":  # eval reads sft data (preference / prompt rows have no one answer)
+        lines += ["  # loss and perplexity on the recipe's held-out data",
+                  f"  rwkv-peft eval {quoted(recipe_arg)}" + "".join(f" --set {quoted(o)}" for o in keep)]
     return "\n".join(lines)

@@ -5,11 +5,17 @@ Formats (``data.format``; column names from ``data.fields``):
 - ``text``: ``{"text": "..."}``; the loss is on every token.
 - ``instruction``: ``{"instruction", "input" (optional), "output"}`` rendered as
   ``Instruction: ...\\n\\nInput: ...\\n\\nResponse: ...\\n\\n``; the loss is on the response.
-- ``chat``: ``{"messages": [{"role": "user"|"assistant"|"system", "content": "..."}, ...]}`` (ShareGPT's
-  ``human``/``gpt`` roles work too), rendered ``User: ...\\n\\nAssistant: ...\\n\\n``; loss on assistant turns.
+- ``chat``: ``{"messages": [{"role": "user"|"assistant"|"system"|"tool", "content": "..."}, ...]}`` (ShareGPT's
+  ``human``/``gpt`` roles work too), rendered by the chat template ``data.template.name`` (``rwkv``:
+  ``User: ...\\n\\nAssistant: ...\\n\\n``; ``g1``: the RWKV-7 G1 think format); loss on assistant turns. An
+  assistant message may carry ``tool_calls`` and, for ``g1``, ``reasoning_content`` / ``reasoning`` / ``thinking``
+  (or an inline ``<think>...</think>``); a row may carry ``tools`` (a list of JSON schemas, or its JSON text).
 - ``persona``: a chat plus ``{"persona": "..."}`` (or ``data.persona`` for every row), written as a
   ``System:`` turn first when ``data.persona_in_prompt`` is true. With state tuning, set it false: the state
   learns the persona, and the prompt at chat time carries none.
+
+The chat templates are the tokenizer's (``rwkv_peft/tokenization/chat_templates.py``): the recipe renders a chat
+through the same Jinja source that ``tokenizer.apply_chat_template`` uses, so the two cannot differ.
 
 ``data.loss_on: all`` trains on every token instead. Each sample ends with the end-of-text token (id 0) when
 ``data.add_eos`` is true; it is trained where the sample's last segment is.
@@ -35,6 +41,9 @@ ROLE_ALIASES = {
     "assistant": "assistant", "gpt": "assistant", "bot": "assistant", "model": "assistant", "chatbot": "assistant",
     "system": "system",
 }
+# Roles of tool results (a chat row's ``tool`` messages); kept out of ROLE_ALIASES, which `chat` also reads.
+TOOL_ROLES = ("tool", "function", "observation", "ipython")
+REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
 
 
 class RowError(RWKVPeftError, ValueError):
@@ -62,7 +71,10 @@ def _clean(text: str, cfg) -> str:
 
 
 def _turn(name: str, content: str, trained: bool, cfg) -> List[Segment]:
-    """``{name}{sep}{content}{turn_sep}``; a trained turn is split after the name and the separator's head."""
+    """``{name}{sep}{content}{turn_sep}``; a trained turn is split after the name and the separator's head.
+
+    Used by the instruction format; chat and persona rows go through the chat templates, which write turns the
+    same way (tests/data/test_formats.py holds the two to each other)."""
     t = cfg.template
     head = t.role_separator.rstrip()
     tail = t.role_separator[len(head):]
@@ -70,7 +82,30 @@ def _turn(name: str, content: str, trained: bool, cfg) -> List[Segment]:
     return [(name + head, False), (body, trained)]
 
 
-def _messages(row: dict, cfg) -> List[Tuple[str, str]]:
+def _json_field(value: Any, what: str) -> Any:
+    """A field given as JSON text (as arrow-typed datasets often store nested data) read as data."""
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            raise RowError(f"{what} is text that is not JSON") from None
+    return value
+
+
+def _tool_calls(calls: Any, j: int) -> List[dict]:
+    calls = _json_field(calls, f"message {j + 1}: 'tool_calls'")
+    shape = "a list of {'function': {'name': ..., 'arguments': {...}}} (or {'name', 'arguments'})"
+    if not isinstance(calls, list):
+        raise RowError(f"message {j + 1}: 'tool_calls' should be {shape}, found {type(calls).__name__}")
+    for k, call in enumerate(calls):
+        fn = call.get("function") if isinstance(call, dict) and isinstance(call.get("function"), dict) else call
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise RowError(f"message {j + 1}: tool call {k + 1} has no name; 'tool_calls' should be {shape}")
+    return calls
+
+
+def _messages(row: dict, cfg) -> List[Dict[str, Any]]:
+    """The row's messages as template messages ``{"role", "content", ...}`` (roles canonical, extras kept)."""
     f = cfg.fields
     if f.messages not in row or row[f.messages] is None:
         raise RowError(f"missing field '{f.messages}' (the list of messages); the row has: "
@@ -90,14 +125,57 @@ def _messages(row: dict, cfg) -> List[Tuple[str, str]]:
             raise RowError(f"message {j + 1} should be a mapping with '{f.role}' and '{f.content}', found "
                            f"{type(m).__name__}")
         role = m.get(f.role)
-        if not isinstance(role, str) or role.strip().lower() not in ROLE_ALIASES:
-            raise RowError(f"message {j + 1}: role {role!r} is not one of user/human, assistant/gpt/bot, system"
+        key = role.strip().lower() if isinstance(role, str) else None
+        if key not in ROLE_ALIASES and key not in TOOL_ROLES:
+            raise RowError(f"message {j + 1}: role {role!r} is not one of user/human, assistant/gpt/bot, system, tool"
                            + (f" (field '{f.role}')" if f.role not in m else ""))
+        message: Dict[str, Any] = {"role": ROLE_ALIASES.get(key, "tool")}
+        calls = m.get("tool_calls") if message["role"] == "assistant" else None
+        if calls is not None:
+            calls = _tool_calls(calls, j)
         content = m.get(f.content)
+        if content is None and calls:
+            content = ""  # a message that only calls tools
         if not isinstance(content, str):
             raise RowError(f"message {j + 1}: '{f.content}' should be text, found {type(content).__name__}")
-        out.append((ROLE_ALIASES[role.strip().lower()], content))
+        message["content"] = content
+        if message["role"] == "assistant":
+            for k in REASONING_KEYS:
+                if m.get(k) is not None:
+                    if not isinstance(m[k], str):
+                        raise RowError(f"message {j + 1}: '{k}' should be text, found {type(m[k]).__name__}")
+                    message[k] = m[k]
+        if calls:
+            message["tool_calls"] = calls
+        out.append(message)
     return out
+
+
+def _tools(row: dict) -> Optional[List[dict]]:
+    """The row's ``tools`` (JSON schemas of the functions it may call), if it has any."""
+    tools = row.get("tools")
+    if tools is None:
+        return None
+    tools = _json_field(tools, "field 'tools'")
+    if not isinstance(tools, list) or not all(isinstance(x, dict) for x in tools):
+        raise RowError(f"field 'tools' should be a list of JSON schemas (mappings), found {type(tools).__name__}")
+    return tools or None
+
+
+def _chat_segments(messages: List[Dict[str, Any]], tools: Optional[List[dict]], cfg) -> List[Segment]:
+    """A chat rendered by the recipe's chat template (the tokenizer's Jinja source), cut into segments."""
+    from jinja2.exceptions import TemplateError
+
+    from ..tokenization.chat_templates import render_segments as render_chat
+
+    t = cfg.template
+    try:
+        return render_chat(messages, t.name, tools=tools, system_name=t.roles.system, user_name=t.roles.user,
+                           assistant_name=t.roles.assistant, role_separator=t.role_separator,
+                           turn_separator=t.turn_separator, collapse_blank_lines=t.collapse_blank_lines,
+                           train_think=t.train_think)
+    except (TemplateError, ValueError, TypeError) as e:  # what the row holds cannot be rendered
+        raise RowError(f"the chat template {t.name!r} cannot render this row: {e}") from None
 
 
 def render_segments(row: dict, cfg) -> List[Segment]:
@@ -122,17 +200,16 @@ def _render(row: dict, cfg) -> List[Segment]:
         return segs
     if fmt in ("chat", "persona"):
         msgs = _messages(row, cfg)
-        segs: List[Segment] = []
         if fmt == "persona" and cfg.persona_in_prompt:
             persona = row.get(f.persona) if row.get(f.persona) is not None else cfg.persona
             if persona is None:
                 raise RowError(f"missing field '{f.persona}' (the persona) and no data.persona default")
             if not isinstance(persona, str):
                 raise RowError(f"field '{f.persona}' should be text, found {type(persona).__name__}")
-            segs += _turn(t.roles.system, persona, all_tokens, cfg)
-        names = {"user": t.roles.user, "assistant": t.roles.assistant, "system": t.roles.system}
-        for role, content in msgs:
-            segs += _turn(names[role], content, all_tokens or role == "assistant", cfg)
+            msgs = [{"role": "system", "content": persona}] + msgs
+        segs = _chat_segments(msgs, _tools(row), cfg)
+        if all_tokens:
+            segs = [(txt, True) for txt, _ in segs]
         if not any(tr and txt.strip() for txt, tr in segs):
             raise RowError("no assistant message to train on (set data.loss_on: all to train on every turn)")
         return segs
@@ -196,9 +273,13 @@ def tokenize_dataset(ds, cfg, tokenizer, source: str = "train data", num_proc: O
         raise DataError(f"{source}: no rows")
     eos = _eos_id(tokenizer)
     max_len = cfg.max_length
-    spec = json.dumps({"cfg": cfg.model_dump(mode="json", exclude={"train", "eval", "num_proc", "cache_dir",
-                                                                       "on_bad_row", "split", "eval_split"}),
-                       "tok": tokenizer_fingerprint(tokenizer), "eos": eos, "v": 1}, sort_keys=True)
+    parts = {"cfg": cfg.model_dump(mode="json", exclude={"train", "eval", "num_proc", "cache_dir", "on_bad_row",
+                                                          "split", "eval_split"}),
+             "tok": tokenizer_fingerprint(tokenizer), "eos": eos, "v": 1}
+    if cfg.format in ("chat", "persona"):  # a changed template source re-tokenizes
+        from ..tokenization.chat_templates import template_fingerprint
+        parts["template"] = template_fingerprint(cfg.template.name)
+    spec = json.dumps(parts, sort_keys=True)
     fingerprint = hashlib.sha256((ds._fingerprint + spec).encode()).hexdigest()[:32]
 
     def fn(row, idx):

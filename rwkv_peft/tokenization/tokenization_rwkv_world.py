@@ -46,6 +46,8 @@ from transformers.tokenization_utils_base import (
     TruncationStrategy,
 )
 
+from .chat_templates import default_chat_templates, render_segments
+
 __all__ = [
     "RWKVWorldTokenizer",
     "WorldStreamDecoder",
@@ -428,6 +430,9 @@ class RWKVWorldTokenizer(PreTrainedTokenizer):
         eos_token / pad_token / bos_token: all ``"<|endoftext|>"`` = id 0 by default. ``bos_token`` is only there
             so that ``generate`` can start from nothing; it is never prepended.
         split_special_tokens: default True - text is always encoded byte for byte, like the official tokenizer.
+        chat_template: default: the named templates of :mod:`rwkv_peft.tokenization.chat_templates`
+            (``{"default": rwkv, "rwkv": ..., "g1": ...}``); a saved tokenizer loads back the templates it was saved
+            with. ``apply_chat_template`` tokenizes the rendered text piece by piece (see its docstring).
     """
 
     vocab_files_names = {"vocab_file": VOCAB_FILE_NAME}
@@ -458,6 +463,8 @@ class RWKVWorldTokenizer(PreTrainedTokenizer):
             )
         self._backend_choice = choice
         self._setup_tables(*_load_vocab_with_hash(self.vocab_file))
+        if kwargs.get("chat_template") is None:  # a tokenizer saved with templates passes its own here
+            kwargs["chat_template"] = default_chat_templates()
         super().__init__(
             errors=errors,
             append_eos=self.append_eos,
@@ -820,6 +827,136 @@ class RWKVWorldTokenizer(PreTrainedTokenizer):
         if pair is not None:
             ids = ids + self._text_to_ids(pair, split)
         return self.convert_ids_to_tokens(ids)
+
+    # -- chat templates ---------------------------------------------------------------------------------------------
+    def apply_chat_template(
+        self,
+        conversation,
+        tools: list | None = None,
+        documents: list | None = None,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = False,
+        continue_final_message: bool | str = False,
+        tokenize: bool = True,
+        padding: bool | str | PaddingStrategy = False,
+        truncation: bool | str = False,
+        max_length: int | None = None,
+        return_tensors=None,
+        return_dict: bool = True,
+        return_assistant_tokens_mask: bool = False,
+        tokenizer_kwargs: dict | None = None,
+        **kwargs,
+    ):
+        """transformers' ``apply_chat_template``, with the text tokenized piece by piece.
+
+        ``tokenize=False`` is transformers' own method. With ``tokenize=True`` the conversation is rendered by
+        :func:`~rwkv_peft.tokenization.chat_templates.render_segments` (transformers' renderer, plus the segment
+        marks of our templates) and each piece is encoded on its own: the ids are the ones ``rwkv_peft``'s data
+        formats train on, a ``{% generation %}`` edge never falls inside a token, and ``assistant_masks``
+        (``return_assistant_tokens_mask=True``) is 1 exactly on the tokens of the generation blocks. transformers'
+        own version reads token offsets from a fast tokenizer's ``encodings``, which a Python tokenizer does not
+        have, so it cannot build the mask for this class.
+
+        Supported as in transformers: single and batched conversations, ``tools``, ``documents``, named templates
+        (``chat_template="g1"``), template keyword arguments (``enable_thinking=False``, ``train_think=False``,
+        ``user_name="Q"``, ...), ``add_generation_prompt``, ``continue_final_message``, ``padding``,
+        ``truncation`` / ``max_length`` (on the side ``truncation_side`` names), ``return_tensors``, ``return_dict``
+        and ``tokenizer_kwargs`` with ``return_attention_mask``, ``padding_side``, ``pad_to_multiple_of`` or
+        ``split_special_tokens``. ``sanitize_control_tokens=True`` encodes every piece as plain text (with the default
+        ``split_special_tokens=True`` nothing in the text is ever read as a control token anyway).
+        """
+        if not tokenize:
+            return super().apply_chat_template(
+                conversation,
+                tools=tools,
+                documents=documents,
+                chat_template=chat_template,
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message,
+                tokenize=False,
+                **kwargs,
+            )
+        if return_assistant_tokens_mask and not return_dict:
+            raise ValueError("`return_assistant_tokens_mask=True` requires `return_dict=True` and `tokenize=True`")
+        if continue_final_message and add_generation_prompt:
+            raise ValueError("continue_final_message and add_generation_prompt are not compatible")
+        if continue_final_message and return_assistant_tokens_mask:
+            raise ValueError("continue_final_message is not compatible with return_assistant_tokens_mask.")
+        sanitize = bool(kwargs.pop("sanitize_control_tokens", False))
+        options = dict(tokenizer_kwargs or {})
+        return_attention_mask = options.pop("return_attention_mask", None)
+        padding_side = options.pop("padding_side", None)
+        pad_to_multiple_of = options.pop("pad_to_multiple_of", None)
+        split = options.pop("split_special_tokens", None)
+        options.pop("add_special_tokens", None)  # a chat template writes everything itself
+        if options:
+            raise TypeError(
+                f"apply_chat_template: tokenizer_kwargs {sorted(options)} are not supported by RWKVWorldTokenizer "
+                "(supported: return_attention_mask, padding_side, pad_to_multiple_of, split_special_tokens)"
+            )
+        split = True if sanitize else (self.split_special_tokens if split is None else split)
+
+        source = self.get_chat_template(chat_template, tools)
+        if isinstance(conversation, (list, tuple)) and len(conversation) == 0:
+            raise ValueError("Cannot apply chat template to an empty conversation. Provide at least one message.")
+        batched = isinstance(conversation, (list, tuple)) and (
+            isinstance(conversation[0], (list, tuple)) or hasattr(conversation[0], "messages")
+        )
+        conversations = list(conversation) if batched else [conversation]
+        template_kwargs = {**self.special_tokens_map, **kwargs}
+
+        all_ids: list[list[int]] = []
+        all_masks: list[list[int]] = []
+        for chat in conversations:
+            messages = chat.messages if hasattr(chat, "messages") else chat
+            messages = [
+                {k: v for k, v in m.items() if v is not None} if isinstance(m, dict) else m for m in messages
+            ]
+            segments = render_segments(
+                messages,
+                source,
+                tools=tools,
+                documents=documents,
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message,
+                **template_kwargs,
+            )
+            ids: list[int] = []
+            mask: list[int] = []
+            for text, trained in segments:
+                piece = self._text_to_ids(text, split)
+                ids += piece
+                mask += [int(trained)] * len(piece)
+            all_ids.append(ids)
+            all_masks.append(mask)
+
+        if truncation not in (False, None, "do_not_truncate", TruncationStrategy.DO_NOT_TRUNCATE):
+            limit = max_length if max_length is not None else self.model_max_length
+            for k, (ids, mask) in enumerate(zip(all_ids, all_masks)):
+                if len(ids) > limit:
+                    cut = slice(len(ids) - limit, None) if self.truncation_side == "left" else slice(0, limit)
+                    all_ids[k], all_masks[k] = ids[cut], mask[cut]
+
+        out = self.pad(
+            {"input_ids": all_ids},
+            padding=padding,
+            max_length=max_length,
+            pad_to_multiple_of=pad_to_multiple_of,
+            padding_side=padding_side,
+            return_attention_mask=return_attention_mask,
+        )
+        data = dict(out)
+        if return_assistant_tokens_mask:
+            side = padding_side or self.padding_side
+            masks = []
+            for row, mask in zip(data["input_ids"], all_masks):
+                extra = [0] * (len(row) - len(mask))
+                masks.append(extra + mask if side == "left" else mask + extra)
+            data["assistant_masks"] = masks
+        if not batched and not return_tensors:
+            data = {key: value[0] for key, value in data.items()}
+        encoded = BatchEncoding(data, tensor_type=return_tensors)
+        return encoded if return_dict else encoded["input_ids"]
 
     # -- decoding ---------------------------------------------------------------------------------------------------
     def decode_bytes(self, token_ids, skip_special_tokens: bool = False) -> bytes:

@@ -93,6 +93,9 @@ def train(recipe: Recipe, *, tokenizer=None, progress: Optional[bool] = None, lo
     Raises TrainingSetupError / RecipeError / DataError (bad input), TrainingError (the run failed) and
     TrainingInterrupted (Ctrl-C; a checkpoint was saved).
     """
+    if recipe.train.objective != "sft":  # dpo / orpo / grpo: through TRL (objectives.py)
+        from .objectives import train_objective
+        return train_objective(recipe, tokenizer=tokenizer, progress=progress, log=log, on_step=on_step)
     # Once the loss gets small, CPU matmuls in the backward crawl on denormal numbers (a 1.2M model went from
     # ~1 s to several seconds a step); flushing them to zero during training keeps steps fast.
     flush = not torch.cuda.is_available() and torch.set_flush_denormal(True)

@@ -1,4 +1,5 @@
-"""State tuning: train only each layer's initial WKV state ``[H, N, N]`` (RWKV-7, RWKV-6, RWKV-5.2).
+"""State tuning: train only each layer's initial WKV state ``[H, N, N]`` (RWKV-7, RWKV-6, RWKV-5.2), and in
+"full-state" tuning (``full=True``) both token-shift states ``[C]`` of every layer too.
 
 Design
 ------
@@ -16,6 +17,13 @@ therefore keep state tuning as our own small tuner *beside* peft:
 * the state is saved in peft's folder style: one ``state_adapter.safetensors`` beside ``adapter_config.json``
   / ``adapter_model.safetensors``, self-describing through its safetensors metadata (architecture, layers,
   heads, head size, layout), and exported to the runtime ``.pth`` format (``blocks.N.att.time_state``).
+
+Full-state tuning adds ``att.shift_state`` and ``ffn.shift_state`` (``[C]`` each; ``config.use_initial_shift``):
+the "previous token" the first token of a sequence sees in the time mix and the channel mix (the official
+package's ``state[3 * i]`` and ``state[3 * i + 2]``). They are saved beside the WKV states under the same keys
+(``blocks.N.att.shift_state``, ``blocks.N.ffn.shift_state``) in our adapter and in a merged checkpoint; the runtime
+``.pth`` keeps the WKV states only (RWKV-Runner counts its keys as layers), and :func:`official_state` builds the
+official package's whole state list from the adapter.
 
 What differs per version lives in its ``rwkv_peft.versions.Version`` entry (``state_layout``, ``state_file_key``,
 ``state_file_layout``, ``runtime_state_layout``); this module asks it. Today every version keeps its parameter
@@ -56,6 +64,7 @@ class StateTuningConfig:
     """What ``apply_state_tuning`` attached; saved (as JSON) in the state file's metadata and the manifest."""
     init: str = "zeros"
     trainable_only: bool = True
+    full: bool = False  # the token-shift states train too
     architecture: str = ARCHITECTURE
     num_hidden_layers: int = 0
     num_heads: int = 0
@@ -102,10 +111,67 @@ def model_sizes(model: nn.Module) -> dict:
             "num_heads": cfg.num_heads, "head_size": cfg.head_size, "hidden_size": cfg.hidden_size}
 
 
+SHIFT_KEYS = ("blocks.{}.att.shift_state", "blocks.{}.ffn.shift_state")  # full-state tuning, [C] each
+
+
 def trained_initial_states(model: nn.Module) -> List[nn.Parameter]:
-    """The initial-state parameters being trained (empty without state tuning; any model, wrapped or not)."""
-    return [m.time_state for m in model.modules()
-            if isinstance(getattr(m, "time_state", None), nn.Parameter) and m.time_state.requires_grad]
+    """The initial-state parameters being trained (WKV and token-shift; empty without state tuning; any model,
+    wrapped or not)."""
+    return [getattr(m, name) for m in model.modules() for name in ("time_state", "shift_state")
+            if isinstance(getattr(m, name, None), nn.Parameter) and getattr(m, name).requires_grad]
+
+
+def shift_mixes(model: nn.Module) -> List[Tuple[nn.Module, nn.Module]]:
+    """(time mix, channel mix) of every layer, in layer order."""
+    return [(m, _block_of(model, m).ffn) for m in time_mixes(model)]
+
+
+def _block_of(model: nn.Module, att: nn.Module) -> nn.Module:
+    return unwrap(model).model.blocks[att.layer_idx]
+
+
+def add_initial_shift(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Give both mixes of every layer a ``shift_state`` parameter ``[C]`` (zeros) where they have none, and set
+    ``config.use_initial_shift``; existing ones are kept (cast to ``dtype``)."""
+    for pair in shift_mixes(model):
+        for m in pair:
+            p = getattr(m, "shift_state", None)
+            if p is None:
+                device = next((q.device for q in m.parameters() if q.device.type != "meta"), torch.device("cpu"))
+                m.shift_state = nn.Parameter(torch.zeros(unwrap(model).config.hidden_size, dtype=dtype,
+                                                         device=device), requires_grad=False)
+            elif p.dtype != dtype:
+                m.shift_state = nn.Parameter(p.detach().to(dtype), requires_grad=p.requires_grad)
+    unwrap(model).config.use_initial_shift = True
+    return model
+
+
+def get_shift_states(model: nn.Module) -> Optional[List[Tuple[torch.Tensor, torch.Tensor]]]:
+    """Every layer's (time-mix, channel-mix) initial shift state ``[C]`` (detached, fp32, CPU); None without."""
+    pairs = shift_mixes(model)
+    if any(getattr(m, "shift_state", None) is None for pair in pairs for m in pair):
+        return None
+    return [tuple(m.shift_state.detach().float().cpu().clone() for m in pair) for pair in pairs]
+
+
+def set_shift_states(model: nn.Module, shifts: Sequence[Tuple[torch.Tensor, torch.Tensor]],
+                     where: str = "state") -> nn.Module:
+    """Copy ``shifts`` (per layer: time-mix and channel-mix ``[C]``) into the model, creating them where missing."""
+    C, pairs = unwrap(model).config.hidden_size, shift_mixes(model)
+    if len(shifts) != len(pairs):
+        raise StateMismatchError(f"{where}: layers differ: the shift states have {len(shifts)} layers, the model "
+                                 f"{len(pairs)}")
+    for i, pair in enumerate(shifts):
+        for s in pair:
+            if tuple(s.shape) != (C,):
+                raise StateMismatchError(f"{where}: layer {i} shift state has shape {list(s.shape)}; expected "
+                                         f"[C] = [{C}]")
+    add_initial_shift(model)
+    with torch.no_grad():
+        for pair, values in zip(pairs, shifts):
+            for m, s in zip(pair, values):
+                m.shift_state.copy_(s.to(m.shift_state.dtype))
+    return model
 
 
 def has_initial_state(model: nn.Module) -> bool:
@@ -183,27 +249,41 @@ def set_states(model: nn.Module, states: Sequence[torch.Tensor], architecture: O
 
 # ---- applying ---------------------------------------------------------------------------------------------------
 
-def apply_state_tuning(model: nn.Module, init: Union[str, os.PathLike] = "zeros", trainable_only: bool = True):
+def apply_state_tuning(model: nn.Module, init: Union[str, os.PathLike] = "zeros", trainable_only: bool = True,
+                       full: bool = False):
     """Make every layer's initial WKV state a trainable parameter; returns ``model`` (changed in place).
 
     init: ``"zeros"``; ``"keep"`` (start from the state the checkpoint already has, zeros if none); or a path to
     a state file (runtime ``.pth``, our ``state_adapter.safetensors``, or an adapter folder holding one).
     trainable_only: freeze everything else. On a ``PeftModel`` the LoRA parameters stay trainable (LoRA + state
     in one run); peft has already frozen the base.
+    full: "full-state" tuning: both token-shift states of every layer train too (a state file's shift states,
+    where it has them, are their starting point; zeros otherwise).
     """
     base = unwrap(model)
+    from .trl_support import follow_adapter
+    follow_adapter(model)  # the base's own states come back whenever peft's adapter is off (TRL's reference pass)
     add_initial_state(model)
+    if full:
+        add_initial_shift(model)
     if isinstance(init, (str, os.PathLike)) and str(init) not in ("zeros", "keep"):
         if not Path(init).exists():
             raise ValueError(f"state init {str(init)!r}: expected 'zeros', 'keep' or a path to a state file "
                              f"(no such file or folder)")
         states, meta = load_state_any(init, versions.of(base).name)
         set_states(model, states, meta.get("architecture"), where=str(init))
-        init_name = str(init)
+        shifts = load_shift_states(init)
+        if shifts is not None:
+            set_shift_states(model, shifts, where=str(init))
+        from ..paths import portable_path
+        init_name = portable_path(str(init))  # recorded in files that get published: no local folder layout
     elif str(init) == "zeros":
         with torch.no_grad():
             for m in time_mixes(model):
                 m.time_state.zero_()
+            for pair in (shift_mixes(model) if full else []):
+                for m in pair:
+                    m.shift_state.zero_()
         init_name = "zeros"
     elif str(init) == "keep":
         init_name = "keep"
@@ -215,9 +295,8 @@ def apply_state_tuning(model: nn.Module, init: Union[str, os.PathLike] = "zeros"
             if is_peft and p.requires_grad:
                 continue  # the adapter's own weights (LoRA, MiSS, saved modules): peft decides
             p.requires_grad_(False)
-    for m in time_mixes(model):
-        m.time_state.requires_grad_(True)
-    base._rwkv_state_tuning = config_for(model, init=init_name, trainable_only=trainable_only)
+    base._rwkv_state_tuning = config_for(model, init=init_name, trainable_only=trainable_only, full=full)
+    mark_states_trainable(model)
     return model
 
 
@@ -235,10 +314,15 @@ def state_tuning_config(model: nn.Module) -> Optional[StateTuningConfig]:
 
 def mark_states_trainable(model: nn.Module) -> None:
     """Re-enable the state's gradient (``get_peft_model`` freezes every non-LoRA parameter)."""
-    if state_tuning_config(model) is not None:
+    st = state_tuning_config(model)
+    if st is not None:
         for m in time_mixes(model):
             if m.time_state is not None:
                 m.time_state.requires_grad_(True)
+        for pair in (shift_mixes(model) if st.full else []):
+            for m in pair:
+                if getattr(m, "shift_state", None) is not None:
+                    m.shift_state.requires_grad_(True)
 
 
 # ---- files ------------------------------------------------------------------------------------------------------
@@ -259,14 +343,48 @@ def _metadata(sizes: dict, extra: Optional[dict] = None) -> Dict[str, str]:
     return meta
 
 
-def states_to_dict(states: Sequence[torch.Tensor], version: Optional[versions.Version] = None
-                   ) -> Dict[str, torch.Tensor]:
+def states_to_dict(states: Sequence[torch.Tensor], version: Optional[versions.Version] = None,
+                   shifts: Optional[Sequence[Tuple[torch.Tensor, torch.Tensor]]] = None) -> Dict[str, torch.Tensor]:
     """``{'blocks.N.att.time_state': [H, N, N] fp32}``: the runtime state file of ``version`` (its key and
-    ``state_file_layout``) from states in its ``state_layout``; ``None``: the tensors as they are."""
+    ``state_file_layout``) from states in its ``state_layout``; ``None``: the tensors as they are. ``shifts``
+    (full-state tuning) adds ``blocks.N.att.shift_state`` and ``blocks.N.ffn.shift_state`` ``[C]``."""
     if version is None:
-        return {STATE_KEY.format(i): s.detach().float().cpu().contiguous() for i, s in enumerate(states)}
-    return {version.state_key(i): version.state_to_file(s.detach().float().cpu()).contiguous()
-            for i, s in enumerate(states)}
+        out = {STATE_KEY.format(i): s.detach().float().cpu().contiguous() for i, s in enumerate(states)}
+    else:
+        out = {version.state_key(i): version.state_to_file(s.detach().float().cpu()).contiguous()
+               for i, s in enumerate(states)}
+    for i, pair in enumerate(shifts or ()):
+        for key, t in zip(SHIFT_KEYS, pair):
+            out[key.format(i)] = t.detach().float().cpu().contiguous()
+    return out
+
+
+def shifts_from_dict(sd: Dict[str, torch.Tensor], layers: int, where: str
+                     ) -> Optional[List[Tuple[torch.Tensor, torch.Tensor]]]:
+    """The shift states of a state dict (full-state tuning), or None when it has none."""
+    if not any(k.endswith(".shift_state") for k in sd):
+        return None
+    missing = [k.format(i) for i in range(layers) for k in SHIFT_KEYS if k.format(i) not in sd]
+    if missing:
+        raise StateMismatchError(f"{where}: layers differ: no '{missing[0]}' (a full state has both shift states "
+                                 f"of every layer)")
+    return [tuple(sd[k.format(i)].float() for k in SHIFT_KEYS) for i in range(layers)]
+
+
+def load_shift_states(path: os.PathLike) -> Optional[List[Tuple[torch.Tensor, torch.Tensor]]]:
+    """The shift states stored with a state (our state file, a runtime ``.pth``, or an adapter folder); None when
+    it holds only WKV states."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / STATE_FILE
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        sd = load_file(str(path))
+    else:
+        from ..convert import load_pth
+        sd = load_pth(path)
+    layers = len([k for k in sd if _STATE_KEY_RE.fullmatch(k)])
+    return shifts_from_dict(sd, layers, str(path))
 
 
 def states_from_dict(sd: Dict[str, torch.Tensor], where: str,
@@ -295,15 +413,17 @@ def sizes_of_states(states: Sequence[torch.Tensor], architecture: Optional[str] 
 
 
 def save_state_file(states: Sequence[torch.Tensor], path: os.PathLike, extra: Optional[dict] = None,
-                    architecture: Optional[str] = None) -> None:
+                    architecture: Optional[str] = None,
+                    shifts: Optional[Sequence[Tuple[torch.Tensor, torch.Tensor]]] = None) -> None:
     """Our state adapter: safetensors with ``blocks.N.att.time_state`` [H, N, N] fp32 (the version's
-    ``state_layout``) and metadata naming the version (``architecture``: "rwkv6"; None: unknown) (atomic)."""
+    ``state_layout``) and metadata naming the version (``architecture``: "rwkv6"; None: unknown) (atomic).
+    ``shifts``: full-state tuning's shift states (``blocks.N.att.shift_state``, ``blocks.N.ffn.shift_state``)."""
     from safetensors.torch import save_file
     from ..convert import atomic_path
     sizes = sizes_of_states(states, architecture)
     check_states(states, sizes, where=str(path))
     with atomic_path(path) as tmp:
-        save_file(states_to_dict(states), str(tmp), metadata=_metadata(sizes, extra))
+        save_file(states_to_dict(states, shifts=shifts), str(tmp), metadata=_metadata(sizes, extra))
 
 
 def read_state_file(path: os.PathLike) -> Tuple[List[torch.Tensor], dict]:
@@ -333,7 +453,7 @@ def read_state_file(path: os.PathLike) -> Tuple[List[torch.Tensor], dict]:
 
 def export_state_pth(model_or_states, path: os.PathLike, architecture: Optional[str] = None) -> None:
     """Write the runtime state file of the states' version: ``{'blocks.N.att.time_state': [H, N, N] fp32}`` as a
-    ``.pth`` (the keys and layout RWKV runtimes load: ``Version.state_file_key`` / ``state_file_layout``).
+    ``.pth`` (WKV states only, even from a full state: RWKV-Runner counts the file's keys as layers) (the keys and layout RWKV runtimes load: ``Version.state_file_key`` / ``state_file_layout``).
     Accepts a model (plain or PeftModel), a list of states (``architecture`` names their version; RWKV-7 when
     None), or a state file/folder (its recorded version)."""
     from ..convert import save_pth
@@ -346,6 +466,23 @@ def export_state_pth(model_or_states, path: os.PathLike, architecture: Optional[
         states = list(model_or_states)
     check_states(states, sizes_of_states(states), where=str(path))
     save_pth(states_to_dict(states, versions.by_name(architecture) or versions.DEFAULT), path)
+
+
+def official_state(path: os.PathLike, architecture: Optional[str] = None) -> List[torch.Tensor]:
+    """The official ``rwkv`` package's state list (``RWKV.forward(tokens, state)``) that starts a sequence from a
+    state file or adapter (v5, v6, v7; a full state or WKV only): per layer ``[att_x [C], wkv, ffn_x [C]]``, the WKV
+    state in the package's layout (``Version.runtime_state_layout``), the shift states zeros when the file has
+    none. ``architecture``: the file's version (a runtime ``.pth`` records none; RWKV-7 when None)."""
+    version = versions.by_name(architecture) or versions.DEFAULT
+    states, _ = load_state_any(path, version.name)
+    shifts = load_shift_states(path)
+    out = []
+    for i, s in enumerate(states):
+        C = s.shape[0] * s.shape[-1]
+        att_x, ffn_x = shifts[i] if shifts is not None else (torch.zeros(C), torch.zeros(C))
+        wkv = version.file_to_runtime_state(version.state_to_file(s)).float().contiguous()
+        out += [att_x.float().clone(), wkv, ffn_x.float().clone()]
+    return out
 
 
 def load_state_pth(path: os.PathLike, architecture: Optional[str] = None) -> List[torch.Tensor]:

@@ -177,13 +177,12 @@ def test_full_state_tuning_trains_saves_and_runs_in_the_official_package(base, b
     resumed = load_adapter(load_base_model(path, dtype="float32"), tmp_path / "adapter", is_trainable=True)
     assert sum(p.requires_grad for n, p in resumed.named_parameters() if n.endswith("shift_state")) == 2 * LAYERS
 
-    export_state_pth(tmp_path / "adapter", tmp_path / "full.pth")
-    raw = torch.load(tmp_path / "full.pth", weights_only=True)
-    assert sorted(raw) == sorted([f"blocks.{i}.{m}" for i in range(LAYERS)
-                                  for m in ("att.time_state", "att.shift_state", "ffn.shift_state")])
-    again = apply_state_tuning(load_base_model(path, dtype="float32"), init=tmp_path / "full.pth", full=True)
+    export_state_pth(tmp_path / "adapter", tmp_path / "wkv.pth")  # RWKV-Runner counts keys as layers: WKV only
+    assert sorted(torch.load(tmp_path / "wkv.pth", weights_only=True)) == [f"blocks.{i}.att.time_state"
+                                                                          for i in range(LAYERS)]
+    again = apply_state_tuning(load_base_model(path, dtype="float32"), init=tmp_path / "adapter", full=True)
     assert torch.equal(logits(again, probe), want)
-    torch.save(official_state(tmp_path / "full.pth", version.name), tmp_path / "list.pt")
+    torch.save(official_state(tmp_path / "adapter", version.name), tmp_path / "list.pt")
     ref = OFFICIAL[version.name](path, {"full": [probe[0].tolist()], "state_list": str(tmp_path / "list.pt")},
                                  tmp_path / "ref.pt")
     assert rel_err(want[0], ref["full_from_list"][0]) <= 1e-5

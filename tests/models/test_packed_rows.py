@@ -16,10 +16,10 @@ FACTORIES = {"rwkv7": make_blinkdl_v7, "rwkv6": make_blinkdl_v6, "rwkv5": make_b
 LENGTHS = [[5, 9, 3], [7, 1, 6]]   # two rows of packed samples; the second row is right-padded by 3
 
 
-def _model(name: str, tmp_path, learned: bool):
+def _model(name: str, tmp_path, learned: bool, vocab: int = 61):
     """A tiny random model of version ``name``; ``learned``: random learned initial WKV and shift states."""
     path = tmp_path / f"{name}.pth"
-    torch.save(FACTORIES[name](61, 128, 2), path)
+    torch.save(FACTORIES[name](vocab, 128, 2), path)
     config, sd, _ = load_any(path)
     version = versions.by_name(name)
     if learned:
@@ -132,3 +132,44 @@ def test_bad_cu_seqlens_is_refused(tmp_path):
     model = _model("rwkv7", tmp_path, False)
     with pytest.raises(ValueError, match="cu_seqlens must rise from 0 to B\\*T = 6"):
         model(input_ids=torch.ones(1, 6, dtype=torch.long), cu_seqlens=torch.tensor([0, 4, 3, 6]))
+
+
+def test_trl_padding_free_batches(tmp_path):
+    """TRL's padding-free collator (one flattened row, position_ids restarting at 0) and transformers'
+    DataCollatorWithFlattening give our model the loss of the samples run alone, and SFTTrainer trains with it."""
+    from transformers import DataCollatorWithFlattening
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+    model = _model("rwkv7", tmp_path, True)
+    samples, _, _, _ = _packed(LENGTHS, seed=4)
+    examples = [{"input_ids": s.tolist()} for _, _, s in samples]
+    with torch.no_grad():
+        alone = [model(input_ids=s[None], labels=s[None]).loss * (len(s) - 1) for _, _, s in samples if len(s) > 1]
+        want = sum(alone) / sum(len(s) - 1 for _, _, s in samples)
+        for collator in (DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True),
+                         DataCollatorWithFlattening()):
+            batch = collator([dict(e) for e in examples])
+            assert batch["input_ids"].shape[0] == 1 and (batch["position_ids"] == 0).sum() == len(samples)
+            got = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"]).loss
+            assert abs(float(got) - float(want)) < 1e-5 * float(want), type(collator).__name__
+
+
+def test_trl_sft_trainer_runs_padding_free(tmp_path):
+    import datasets
+    from trl import SFTConfig, SFTTrainer
+    from tests.training.helpers import byte_tokenizer
+    tok = byte_tokenizer()
+    model = _model("rwkv7", tmp_path, False, vocab=len(tok)).train()
+    ds = datasets.Dataset.from_list([{"text": f"sample {i} " * (1 + i % 4)} for i in range(8)])
+    args = SFTConfig(output_dir=str(tmp_path / "out"), padding_free=True, per_device_train_batch_size=4,
+                     max_steps=3, learning_rate=1e-3, report_to=[], logging_steps=1, save_strategy="no",
+                     use_cpu=True, dataset_num_proc=None, max_length=None)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
+    seen = []
+    original = model.forward
+
+    def spy(*a, **kw):
+        seen.append(kw.get("position_ids"))
+        return original(*a, **kw)
+    model.forward = spy
+    trainer.train()
+    assert seen and all(p is not None and p.shape[0] == 1 and int((p == 0).sum()) == 4 for p in seen)

@@ -161,3 +161,58 @@ def test_lora_rank_and_alpha_patterns():
     assert any(p.startswith("r.yaml:9: method.lora.rank_pattern.ffn.key: 'two':") for p in probs), probs
     (p,) = errors(MINIMAL + "method:\n  lora:\n    alpha_pattern: {'att.(key': 8}\n")
     assert p.startswith("r.yaml:7: method.lora.alpha_pattern: key 'att.(key' is not a valid regular expression")
+
+
+PREFERENCE = MINIMAL.replace("  train: data/train.jsonl\n", "  train: data/pref.jsonl\n  format: preference\n")
+
+
+def test_objectives_and_their_sections():
+    r = recipe_from_text(MINIMAL, "r.yaml")
+    assert r.train.objective == "sft" and r.dpo.beta == 0.1 and r.grpo.num_generations == 4
+    r = recipe_from_text(PREFERENCE + "train:\n  objective: dpo\ndpo:\n  beta: 0.3\n  loss_type: ipo\n", "r.yaml")
+    assert (r.train.objective, r.dpo.beta, r.dpo.loss_type) == ("dpo", 0.3, "ipo")
+    assert recipe_from_text(PREFERENCE + "train:\n  objective: orpo\n", "r.yaml").orpo.beta == 0.1
+    prompts = MINIMAL.replace("  train: data/train.jsonl\n", "  train: data/q.jsonl\n  format: prompt\n")
+    r = recipe_from_text(prompts + "train:\n  objective: grpo\n  batch_size: 4\ngrpo:\n  reward_funcs: "
+                                   "['rwkv_peft.rewards:concise', 'my_rewards.py:score']\n", "r.yaml")
+    assert r.grpo.reward_funcs == ["rwkv_peft.rewards:concise", "my_rewards.py:score"]
+    (p,) = errors(PREFERENCE + "train:\n  objective: dpp\n")
+    assert p.startswith("r.yaml:7: train.objective: 'dpp' is not allowed") and "did you mean 'dpo'?" in p
+    (p,) = errors(MINIMAL + "train:\n  objective: dpo\n")
+    assert p.startswith("r.yaml: train.objective: dpo reads data.format: preference rows (prompt, chosen, "
+                        "rejected); data.format is 'text'"), p
+    (p,) = errors(PREFERENCE)
+    assert "data.format: preference is for train.objective: dpo or orpo (train.objective is sft)" in p
+    (p,) = errors(PREFERENCE + "train:\n  objective: orpo\ndpo:\n  beta: 0.2\n")
+    assert "the dpo section is set but train.objective is 'orpo'" in p
+    (p,) = errors(PREFERENCE + "train:\n  objective: dpo\ndpo:\n  betta: 0.2\n")
+    assert p.startswith("r.yaml:9: dpo.betta: unknown key 'betta'; did you mean 'beta'?")
+    (p,) = errors(PREFERENCE.replace("  format: preference\n", "  format: preference\n  long_context: "
+                                     "{mode: chunk, chunk_len: 64}\n") + "train:\n  objective: dpo\n")
+    assert "data.long_context.mode: chunk is not supported" in p
+    (p,) = errors(PREFERENCE + "method:\n  lora: {enabled: true, init: pissa}\ntrain:\n  objective: dpo\n")
+    assert "method.lora.init: pissa with train.objective: dpo" in p
+
+
+def test_grpo_settings_are_checked():
+    prompts = MINIMAL.replace("  train: data/train.jsonl\n", "  train: data/q.jsonl\n  format: prompt\n")
+    (p,) = errors(prompts + "train:\n  objective: grpo\n  batch_size: 4\n")
+    assert "grpo.reward_funcs: train.objective: grpo needs at least one reward function" in p
+    probs = errors(prompts + "train:\n  objective: grpo\n  batch_size: 4\ngrpo:\n  reward_funcs: [rewards.length]\n"
+                             "  num_generations: 1\n")
+    assert any(p.startswith("r.yaml:10: grpo.reward_funcs: item 0 'rewards.length': expected "
+                            "'package.module:function'") for p in probs), probs
+    assert any(p.startswith("r.yaml:11: grpo.num_generations: 1:") for p in probs), probs
+    (p,) = errors(prompts + "train:\n  objective: grpo\n  batch_size: 6\ngrpo:\n  reward_funcs: [a:b]\n")
+    assert "train.batch_size x train.grad_accum (6) counts answers in grpo and must be a multiple of " \
+           "grpo.num_generations (4)" in p
+    (p,) = errors(prompts + "method:\n  state_tuning: {enabled: true}\ntrain:\n  objective: grpo\n  batch_size: 4\n"
+                            "grpo:\n  reward_funcs: [a:b]\n  beta: 0.04\n")
+    assert "grpo.beta > 0 needs a reference model" in p
+    (p,) = errors(prompts + "train:\n  objective: grpo\n  batch_size: 4\ngrpo:\n  reward_funcs: [a:b, c:d]\n"
+                            "  reward_weights: [1.0]\n")
+    assert "reward_weights has 1 weights for 2 reward functions" in p
+    r = recipe_from_text(prompts + "train:\n  objective: grpo\n  batch_size: 4\ngrpo:\n  reward_funcs:\n"
+                                   "    - rwkv_peft.rewards:concise\n    - no/such/rewards.py:score\n", "r.yaml")
+    assert [p for p in check_paths(r) if "reward" in p] == [
+        "r.yaml: grpo.reward_funcs[1]: reward file 'no/such/rewards.py' does not exist"]
