@@ -96,7 +96,10 @@ def test_render_messages_is_what_chat_feeds():
     assert render_messages([{"role": "user", "content": " hi "}]) == user_turn("hi")
     assert render_messages([{"role": "system", "content": "S"}, {"role": "human", "content": "a"},
                             {"role": "gpt", "content": "b"}, {"role": "user", "content": "c"}], "U", "A") == \
-        "S\n\nU: a\n\nA: b\n\nU: c\n\nA:"
+        "System: S\n\nU: a\n\nA: b\n\nU: c\n\nA:"
+    assert user_turn("two\n\nparas") == "User: two\nparas\n\nAssistant:"  # as training writes a turn
+    assert user_turn("q", template="g1") == "User: q\n\nAssistant: <think"
+    assert user_turn("q", template="g1", think=False) == "User: q\n\nAssistant: <think>\n</think>"
     with pytest.raises(ValueError, match="last message should be the user's"):
         render_messages([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}])
 

@@ -59,28 +59,53 @@ def add_arguments(p):
                                        "folder's, else the World tokenizer)")
     p.add_argument("--user", default="User", help="the user's role name in the template")
     p.add_argument("--assistant", default="Assistant", help="the assistant's role name in the template")
-    p.add_argument("--system", help="text put before the conversation")
+    p.add_argument("--system", help="a system text before the conversation (a 'System:' turn, as training writes a "
+                                    "persona)")
+    from ..tokenization.chat_templates import CHAT_TEMPLATES
+    p.add_argument("--template", default="rwkv", choices=sorted(CHAT_TEMPLATES),
+                   help="the chat template (as data.template.name in training): rwkv (User: ... Assistant: ...) or "
+                        "g1 (RWKV-7 G1 reasoning models: the reply starts with a think block)")
+    p.add_argument("--no-think", dest="think", action="store_false",
+                   help="g1: open an empty think block (the 'fake think' prompt), so the model answers at once")
     add_sampling_arguments(p, temperature=1.0, top_p=0.5, top_k=0, max_new_tokens=300)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when there is one)")
 
 
 # ---- the template ---------------------------------------------------------------------------------------------
+# Prompts are rendered by the same chat templates training uses (rwkv_peft/tokenization/chat_templates.py), so a
+# fine-tuned model is asked exactly in the format it was trained on.
 
-def user_turn(message: str, user: str = "User", assistant: str = "Assistant") -> str:
-    """What chat feeds for one user message: the message, then the assistant's name (the reply follows)."""
-    return f"{user}: {message}\n\n{assistant}:"
+def render(messages, user: str = "User", assistant: str = "Assistant", template: str = "rwkv",
+           add_generation_prompt: bool = False, think: bool = True) -> str:
+    """``messages`` as the chat template writes them; ``add_generation_prompt`` ends with the assistant's name
+    (g1: and the opening of its think block; ``think=False``: an empty one, the "fake think" prompt)."""
+    from ..tokenization.chat_templates import render_segments
+    pieces = render_segments(messages, template, add_generation_prompt=add_generation_prompt, user_name=user,
+                             assistant_name=assistant, enable_thinking=think)
+    return "".join(text for text, _ in pieces)
 
 
-def render_messages(messages, user: str = "User", assistant: str = "Assistant") -> str:
-    """A conversation ``[{"role", "content"}, ...]`` as chat feeds it, ending with ``{assistant}:`` for the
-    answer to the last (user) message. A system message is fed as it is (as ``chat --system``); roles may be
-    written as in datasets (user/human, assistant/gpt/bot, system). ValueError names the message."""
+def user_turn(message: str, user: str = "User", assistant: str = "Assistant", template: str = "rwkv",
+              think: bool = True) -> str:
+    """What chat feeds for one user message: the user's turn, then the assistant's name (the reply follows)."""
+    return render([{"role": "user", "content": message}], user, assistant, template, True, think)
+
+
+def system_turn(text: str, template: str = "rwkv") -> str:
+    """What chat feeds for a system text (``--system``): a ``System:`` turn, as training writes a persona."""
+    return render([{"role": "system", "content": text}], template=template)
+
+
+def render_messages(messages, user: str = "User", assistant: str = "Assistant", template: str = "rwkv",
+                    think: bool = True) -> str:
+    """A conversation ``[{"role", "content"}, ...]`` as chat feeds it, ending with the assistant's name for the
+    answer to the last (user) message; roles may be written as in datasets (user/human, assistant/gpt/bot,
+    system). ValueError names the message."""
     from ..data.formats import ROLE_ALIASES
     if not isinstance(messages, list) or not messages:
         raise ValueError(f"should be a non-empty list of messages, found {type(messages).__name__}")
-    parts = []
-    last = None
+    last, normal = None, []
     for j, m in enumerate(messages, 1):
         if not isinstance(m, dict):
             raise ValueError(f"message {j} should be an object with 'role' and 'content', found {type(m).__name__}")
@@ -91,15 +116,10 @@ def render_messages(messages, user: str = "User", assistant: str = "Assistant") 
         if not isinstance(content, str):
             raise ValueError(f"message {j}: 'content' should be text, found {type(content).__name__}")
         last = ROLE_ALIASES[role.strip().lower()]
-        if last == "system":
-            parts.append(content.rstrip() + "\n\n")
-        elif last == "user":
-            parts.append(f"{user}: {content.strip()}\n\n")
-        else:
-            parts.append(f"{assistant}: {content.strip()}\n\n")
+        normal.append({**m, "role": last})
     if last != "user":
         raise ValueError(f"the last message should be the user's (the completion answers it), found {last!r}")
-    return "".join(parts) + f"{assistant}:"
+    return render(normal, user, assistant, template, True, think)
 
 
 # ---- a conversation -------------------------------------------------------------------------------------------
@@ -130,8 +150,9 @@ class Conversation:
     read the whole conversation (states and transcript). ``transcript`` lists ``{"role", "content"}``.
     """
 
-    def __init__(self, model, tok, user="User", assistant="Assistant", state=None):
+    def __init__(self, model, tok, user="User", assistant="Assistant", state=None, template="rwkv", think=True):
         self.model, self.tok, self.user, self.assistant = model, tok, user, assistant
+        self.template, self.think = template, think
         self.state = state
         self._start = copy.deepcopy(state)
         self.transcript: List[Dict[str, str]] = []
@@ -145,7 +166,7 @@ class Conversation:
 
     def system(self, text: str) -> None:
         """Feed a system text (as ``--system``) and make the state after it the starting state."""
-        self.feed(text.rstrip() + "\n\n")
+        self.feed(system_turn(text, self.template))
         self.transcript.append({"role": "system", "content": text.rstrip()})
         self.mark_start()
 
@@ -189,7 +210,7 @@ class Conversation:
         self.transcript.append({"role": "user", "content": message})
         self.transcript.append({"role": "assistant", "content": ""})
         self._reply_text = ""
-        logits = self.feed(user_turn(message, self.user, self.assistant))
+        logits = self.feed(user_turn(message, self.user, self.assistant, self.template, self.think))
         stream = StreamDecoder(self.tok, skip_special_tokens=True)
         text, sent, ended, generated = "", 0, False, []
         for _ in range(max_new_tokens):
@@ -382,7 +403,7 @@ def run(args) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tok = load_for_inference(args.model, args.adapter, args.tokenizer, args.dtype, device, state=args.state)
     gen = torch.Generator(device=device).manual_seed(args.seed) if args.seed is not None else None
-    chat = Conversation(model, tok, args.user, args.assistant)
+    chat = Conversation(model, tok, args.user, args.assistant, template=args.template, think=args.think)
     if args.system:
         chat.system(args.system)
     chat.mark_start()

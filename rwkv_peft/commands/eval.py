@@ -87,7 +87,7 @@ def run(args) -> int:
     from ..data import build_datasets
     from ..recipe import RecipeError, load_recipe, resolve_path
     from ..training.loop import evaluate_rows, load_tokenizer
-    from ._common import is_adapter_dir, resolve_adapter, resolve_input, shown
+    from ._common import shown
 
     def fail(msg):
         print(f"error: {msg}", file=sys.stderr)
@@ -100,19 +100,10 @@ def run(args) -> int:
         _, rows = build_datasets(recipe.data, tokenizer, seed=recipe.train.seed, log=quiet)
         if rows is None:
             return fail(f"{args.recipe}: no held-out data: set data.eval or data.eval_split")
-        out, mcfg = recipe.output_dir, recipe.model
-        target = as_adapter = None
-        if args.adapter:
-            target, as_adapter = resolve_adapter(args.adapter), True
-        elif args.model:
-            target = resolve_input(args.model, "--model")
-            as_adapter = is_adapter_dir(target)
-        elif not args.base:  # the run's own result
-            target = next((c for c in (out / "adapter", out / "model") if c.is_dir()), None)
-            if target is None:
-                return fail(f"{shown(out)}: no trained adapter/ or model/ here yet; pass --adapter, --model or "
-                            f"--base")
-            as_adapter = is_adapter_dir(target)
+        mcfg = recipe.model
+        target, as_adapter = which_model(args, recipe.output_dir)
+        if target is False:
+            return fail(as_adapter)
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         device_map = {"": device.index or 0} if device.type == "cuda" else "cpu"
         if target is None or as_adapter:  # the recipe's base, as the run trained on it
@@ -139,6 +130,23 @@ def run(args) -> int:
     return 0
 
 
+def which_model(args, out):
+    """What ``--adapter`` / ``--model`` / ``--base`` (or nothing: the run's own result in ``out``) name:
+    ``(target, is_adapter)``; ``(None, None)`` for the recipe's base; ``(False, message)`` when the run has none."""
+    from ._common import is_adapter_dir, resolve_adapter, resolve_input, shown
+    if args.adapter:
+        return resolve_adapter(args.adapter), True
+    if args.model:
+        target = resolve_input(args.model, "--model")
+        return target, is_adapter_dir(target)
+    if args.base:
+        return None, None
+    target = next((c for c in (out / "adapter", out / "model") if c.is_dir()), None)
+    if target is None:
+        return False, f"{shown(out)}: no trained adapter/ or model/ here yet; pass --adapter, --model or --base"
+    return target, is_adapter_dir(target)
+
+
 def run_lm_eval(args) -> int:
     """``--tasks``: lm-eval tasks on the recipe's base and the fine-tuned model, one table (or ``--json``)."""
     import torch
@@ -147,7 +155,7 @@ def run_lm_eval(args) -> int:
     from .. import lm_eval_support as lme
     from ..recipe import RecipeError, load_recipe, resolve_path
     from ..training.loop import load_tokenizer
-    from ._common import is_adapter_dir, resolve_adapter, resolve_input, shown
+    from ._common import shown
 
     def fail(msg):
         print(f"error: {msg}", file=sys.stderr)
@@ -166,18 +174,10 @@ def run_lm_eval(args) -> int:
     manager, tasks = lme.task_manager(tasks, args.include_path)  # unknown tasks fail before any model loads
     log = (lambda m: print(m, file=sys.stderr))
     tokenizer = load_tokenizer(recipe.model, log)
-    mcfg, out = recipe.model, recipe.output_dir
-    target = as_adapter = None
-    if args.adapter:
-        target, as_adapter = resolve_adapter(args.adapter), True
-    elif args.model:
-        target = resolve_input(args.model, "--model")
-        as_adapter = is_adapter_dir(target)
-    elif not args.base:  # the run's own result
-        target = next((c for c in (out / "adapter", out / "model") if c.is_dir()), None)
-        if target is None:
-            return fail(f"{shown(out)}: no trained adapter/ or model/ here yet; pass --adapter, --model or --base")
-        as_adapter = is_adapter_dir(target)
+    mcfg = recipe.model
+    target, as_adapter = which_model(args, recipe.output_dir)
+    if target is False:
+        return fail(as_adapter)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     device_map = {"": device.index or 0} if device.type == "cuda" else "cpu"
 

@@ -60,6 +60,9 @@ def add_arguments(p):
     p.add_argument("--batch-size", type=int, default=8, help="--input rows generated together (default 8)")
     p.add_argument("--user", default="User", help="the user's role name for --input rows with messages")
     p.add_argument("--assistant", default="Assistant", help="the assistant's role name for rows with messages")
+    from ..tokenization.chat_templates import CHAT_TEMPLATES
+    p.add_argument("--template", default="rwkv", choices=sorted(CHAT_TEMPLATES),
+                   help="the chat template rows with messages are written in (as data.template.name in training)")
     p.add_argument("--adapter", help="an adapter folder written by training (LoRA and/or state), or its Hub "
                                      "repository id")
     p.add_argument("--state", help="a state file (runtime .pth with blocks.N.att.time_state, or .safetensors)")
@@ -88,8 +91,8 @@ def _check_settings(s: Dict, where: str) -> None:
 
 # ---- reading --input --------------------------------------------------------------------------------------
 
-def read_prompts(path: Path, defaults: Dict, user: str = "User", assistant: str = "Assistant"
-                 ) -> List[Tuple[dict, str, Dict]]:
+def read_prompts(path: Path, defaults: Dict, user: str = "User", assistant: str = "Assistant",
+                 template: str = "rwkv") -> List[Tuple[dict, str, Dict]]:
     """[(the row, its prompt text, its settings)] of a jsonl file; :class:`UsageError` naming the file, line and
     field of the first bad row."""
     from .chat import render_messages
@@ -120,7 +123,7 @@ def read_prompts(path: Path, defaults: Dict, user: str = "User", assistant: str 
                 raise UsageError(f"{where}field 'prompt' is empty")
         elif "messages" in row:
             try:
-                prompt = render_messages(row["messages"], user, assistant)
+                prompt = render_messages(row["messages"], user, assistant, template)
             except ValueError as e:
                 raise UsageError(f"{where}field 'messages': {e}") from None
         else:
@@ -229,7 +232,7 @@ def run(args) -> int:
             raise UsageError(f"--input {args.input!r} is a folder; expected a .jsonl file")
         if in_path.resolve() == out_path.resolve():
             raise UsageError(f"--output {args.output!r} is the --input file; write the completions elsewhere")
-        rows = read_prompts(in_path, defaults, args.user, args.assistant)  # every row checked before the model loads
+        rows = read_prompts(in_path, defaults, args.user, args.assistant, args.template)  # every row checked before the model loads
     else:
         if args.output:
             raise UsageError("--output goes with --input FILE.jsonl; --prompt prints the completion")

@@ -72,6 +72,26 @@ def init_initial_states(module: nn.Module) -> None:
             init.zeros_(p)
 
 
+class MatrixStateMixin:
+    """``initial_wkv`` / ``blank_wkv`` of a time mix whose WKV state is ``[H, N, N]`` per head (RWKV-5, 6, 7).
+
+    ``att.time_state`` (state tuning) is kept in the layout of state files; the op runs on the layout the
+    version's registry entry names (``Version.state_to_op``). A class sets ``version_name``.
+    """
+    version_name: str = ""
+
+    def initial_wkv(self) -> Optional[torch.Tensor]:
+        """The learned initial WKV state in the op's layout (state tuning), or None."""
+        if self.time_state is None:
+            return None
+        from .. import versions
+        return versions.by_name(self.version_name).state_to_op(self.time_state)
+
+    def blank_wkv(self) -> torch.Tensor:
+        """The WKV state of an empty sequence: zeros ``[H, N, N]``."""
+        return torch.zeros(self.num_heads, self.head_size, self.head_size, device=self.receptance.weight.device)
+
+
 class RWKVBlock(GradientCheckpointingLayer):
     """``x + att(ln1(x))``, then ``x + ffn(ln2(x))``, the layer's state in and out; the same for every version.
 

@@ -1,7 +1,7 @@
 """RWKV-4's own checks: its [B, 3, A] WKV state, attention width other than the hidden size, conversion errors,
-rwkv_peft.convert both ways, the transformers conventions shared with the other versions (padding, chunked loss),
-LoRA / QLoRA on it; state tuning refused. The parity with the official package, generation and the .pth round trip
-are in test_parity.py, shared by every version."""
+rwkv_peft.convert both ways, LoRA / QLoRA on it; state tuning refused. The parity with the official package,
+generation and the .pth round trip are in test_parity.py, the transformers conventions (padding, chunked loss,
+bf16) in test_conventions.py, both shared by every version."""
 import pytest
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
@@ -43,61 +43,6 @@ def test_init_state_is_three_vectors_per_channel(small):
     init = small.init_state(1)
     assert all(wkv.shape == (1, 3, small.config.attention_hidden_size) for _, wkv, _ in init)
     assert all(torch.equal(wkv[:, 2], torch.full_like(wkv[:, 2], -1e30)) for _, wkv, _ in init)
-
-
-def test_left_padding_leaves_state_untouched(small):
-    g = torch.Generator().manual_seed(2)
-    short, long = torch.randint(1, 61, (7,), generator=g), torch.randint(1, 61, (12,), generator=g)
-    batch = torch.stack([torch.cat([torch.zeros(5, dtype=torch.long), short]), long])
-    mask = torch.stack([torch.cat([torch.zeros(5), torch.ones(7)]), torch.ones(12)]).long()
-    with torch.no_grad():
-        out = small(batch, attention_mask=mask, use_cache=True)
-        alone = small(short[None], use_cache=True)
-        gen = small.generate(batch, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
-        gen_alone = small.generate(short[None], attention_mask=torch.ones(1, 7, dtype=torch.long),
-                                   max_new_tokens=5, do_sample=False, pad_token_id=0)
-    assert torch.isfinite(out.logits).all()
-    assert rel_err(out.logits[0, 5:], alone.logits[0]) <= TOL
-    for got, want in zip(out.state, alone.state):
-        for a, b in zip(got, want):
-            assert rel_err(a[0], b[0]) <= TOL
-    assert gen[0, 12:].tolist() == gen_alone[0, 7:].tolist()
-
-
-@pytest.mark.filterwarnings("ignore:`gradient_checkpointing_:FutureWarning")  # renamed in transformers 5.2x
-def test_chunked_loss_and_checkpointing_match_plain_loss(small):
-    x = torch.randint(0, 61, (2, 23), generator=torch.Generator().manual_seed(3))
-    labels = x.clone()
-    labels[0, :4] = -100
-    ref = small(x, labels=labels)
-    ref.loss.backward()
-    want = {n: p.grad.clone() for n, p in small.named_parameters()}
-    small.zero_grad()
-    small.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    small.train()
-    try:
-        out = small(x, labels=labels, return_logits=False, loss_chunk_size=7)
-        out.loss.backward()
-    finally:
-        small.gradient_checkpointing_disable()
-        small.eval()
-    assert out.logits is None
-    assert abs(out.loss.item() - ref.loss.item()) <= 1e-5 * abs(ref.loss.item())
-    for n, p in small.named_parameters():
-        assert torch.allclose(p.grad, want[n], rtol=1e-4, atol=1e-6), n
-    small.zero_grad()
-
-
-def test_bf16_weights_keep_an_fp32_state(small):
-    x = torch.randint(0, 61, (2, 19), generator=torch.Generator().manual_seed(8))
-    bf = RWKV4ForCausalLM(small.config).eval()
-    bf.load_state_dict(small.state_dict())
-    bf = bf.to(torch.bfloat16)
-    with torch.no_grad():
-        ref = small(x).logits
-        out = bf(x, use_cache=True)
-    assert out.logits.dtype == torch.bfloat16 and rel_err(out.logits.float(), ref) < 0.05
-    assert all(s.dtype == torch.float32 for layer in out.state for s in layer)
 
 
 def test_attention_width_other_than_hidden_size_is_self_consistent():

@@ -1,5 +1,5 @@
 """RWKV-5.2's own checks: conversion errors (RWKV-5.1 refused), config defaults, rwkv_peft.convert both ways, the
-transformers conventions shared with RWKV-6/7 (state in/out, padding, chunked loss), LoRA / QLoRA. The parity with
+LoRA / QLoRA. The parity with
 the official package, generation and the .pth round trip are in test_parity.py, shared by every version."""
 import pytest
 import torch
@@ -10,8 +10,6 @@ from rwkv_peft.models.rwkv5.convert_rwkv5 import CheckpointError, blinkdl_to_hf,
 from tests.factories import make_blinkdl_v7
 from tests.factories_v6 import make_blinkdl_v6
 from tests.factories_v5 import make_blinkdl_v5, rel_err
-
-TOL = 1e-5
 
 
 def register():
@@ -28,83 +26,6 @@ def hf_folder(sd, folder):
     model.load_state_dict(hf, assign=True, strict=True)
     model.save_pretrained(folder)
     return folder
-
-
-# ---- conventions shared with RWKV-7 -------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def small():
-    config, hf = blinkdl_to_hf(make_blinkdl_v5(61, 128, 2, seed=5), where="small.pth")
-    model = RWKV5ForCausalLM(config)
-    model.load_state_dict(hf, strict=True)
-    return model.eval()
-
-
-def test_left_padding_leaves_state_untouched(small):
-    g = torch.Generator().manual_seed(2)
-    short, long = torch.randint(1, 61, (7,), generator=g), torch.randint(1, 61, (12,), generator=g)
-    batch = torch.stack([torch.cat([torch.zeros(5, dtype=torch.long), short]), long])
-    mask = torch.stack([torch.cat([torch.zeros(5), torch.ones(7)]), torch.ones(12)]).long()
-    with torch.no_grad():
-        out = small(batch, attention_mask=mask, use_cache=True)
-        alone = small(short[None], use_cache=True)
-        gen = small.generate(batch, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
-        gen_alone = small.generate(short[None], attention_mask=torch.ones(1, 7, dtype=torch.long),
-                                   max_new_tokens=5, do_sample=False, pad_token_id=0)
-    assert rel_err(out.logits[0, 5:], alone.logits[0]) <= TOL
-    for got, want in zip(out.state, alone.state):
-        for a, b in zip(got, want):
-            assert rel_err(a[0], b[0]) <= TOL
-    assert gen[0, 12:].tolist() == gen_alone[0, 7:].tolist()
-
-
-@pytest.mark.filterwarnings("ignore:`gradient_checkpointing_:FutureWarning")  # renamed in transformers 5.2x
-def test_chunked_loss_and_checkpointing_match_plain_loss(small):
-    x = torch.randint(0, 61, (2, 23), generator=torch.Generator().manual_seed(3))
-    labels = x.clone()
-    labels[0, :4] = -100
-    ref = small(x, labels=labels)
-    ref.loss.backward()
-    want = {n: p.grad.clone() for n, p in small.named_parameters()}
-    small.zero_grad()
-    small.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    small.train()
-    assert all(block.gradient_checkpointing for block in small.model.blocks)
-    try:
-        out = small(x, labels=labels, return_logits=False, loss_chunk_size=7)
-        out.loss.backward()
-    finally:
-        small.gradient_checkpointing_disable()
-        small.eval()
-    assert out.logits is None
-    assert abs(out.loss.item() - ref.loss.item()) <= 1e-5 * abs(ref.loss.item())
-    for n, p in small.named_parameters():
-        assert torch.allclose(p.grad, want[n], rtol=1e-4, atol=1e-6), n
-    small.zero_grad()
-
-
-def test_bf16_weights_keep_an_fp32_state(small):
-    x = torch.randint(0, 61, (2, 19), generator=torch.Generator().manual_seed(8))
-    bf = RWKV5ForCausalLM(small.config).eval()
-    bf.load_state_dict(small.state_dict())
-    bf = bf.to(torch.bfloat16)
-    with torch.no_grad():
-        ref = small(x).logits
-        out = bf(x, use_cache=True)
-    assert out.logits.dtype == torch.bfloat16 and rel_err(out.logits.float(), ref) < 0.05
-    assert all(s.dtype == torch.float32 for layer in out.state for s in layer)
-
-
-def test_learned_initial_state_gets_gradient():
-    config, hf = blinkdl_to_hf(make_blinkdl_v5(61, 128, 1, seed=6, time_state=True), where="s.pth")
-    model = RWKV5ForCausalLM(config)
-    model.load_state_dict(hf, strict=True)
-    model.requires_grad_(False)
-    ts = model.model.blocks[0].att.time_state
-    ts.requires_grad_(True)
-    x = torch.randint(0, 61, (2, 9), generator=torch.Generator().manual_seed(4))
-    model(x, labels=x).loss.backward()
-    assert ts.grad is not None and ts.grad.abs().sum() > 0
 
 
 # ---- conversion ---------------------------------------------------------------------------------------------

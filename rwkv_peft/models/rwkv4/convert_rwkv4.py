@@ -26,11 +26,12 @@ with the key that tells.
 from __future__ import annotations
 
 import re
-from typing import Dict, Tuple
+from typing import Dict
 
 import torch
 
-from ..rwkv7.convert_rwkv7 import CheckpointError, check_complete, detect_version
+from ..keymap import KeyMap, layer_count, require
+from ..rwkv7.convert_rwkv7 import CheckpointError, detect_version
 from .configuration_rwkv4 import RWKV4Config
 
 StateDict = Dict[str, torch.Tensor]
@@ -53,7 +54,7 @@ def config_from_blinkdl(sd: StateDict, where: str = "checkpoint") -> RWKV4Config
         if re.match(r"blocks\.\d+\.(ffnPre\.|pos_emb|tiny_)", k):
             raise CheckpointError(f"{where}: key '{k}' belongs to a variant of the RWKV-4 training code "
                                   f"(ffnPre / pos_emb / tiny attention) that is not supported")
-    _require(sd, ("emb.weight", "blocks.0.att.time_decay", "blocks.0.att.key.weight", "blocks.0.ffn.key.weight"),
+    require(sd, ("emb.weight", "blocks.0.att.time_decay", "blocks.0.att.key.weight", "blocks.0.ffn.key.weight"),
              f"{where}: RWKV-4 checkpoint")
     V, C = sd["emb.weight"].shape
     decay, key = sd["blocks.0.att.time_decay"], sd["blocks.0.att.key.weight"]
@@ -62,83 +63,9 @@ def config_from_blinkdl(sd: StateDict, where: str = "checkpoint") -> RWKV4Config
         raise CheckpointError(f"{where}: 'blocks.0.att.time_decay' has shape {list(decay.shape)} and "
                               f"'blocks.0.att.key.weight' {list(key.shape)}; expected [A] and [A, {C}] (C = "
                               f"the width of 'emb.weight')")
-    layers = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k)))
+    layers = layer_count(sd)
     return RWKV4Config(vocab_size=V, hidden_size=C, num_hidden_layers=layers, attention_hidden_size=A,
                        intermediate_size=sd["blocks.0.ffn.key.weight"].shape[0])
-
-
-def _require(sd: StateDict, keys, where: str):
-    for k in keys:
-        if k not in sd:
-            raise CheckpointError(f"{where}: missing key '{k}'")
-
-
-def blinkdl_key_to_hf(key: str) -> Tuple[str, str]:
-    """(our key, how the tensor changes: 'same' | 'flatten')."""
-    if key == "emb.weight":
-        return "model.emb.weight", "same"
-    if key == "head.weight":
-        return "head.weight", "same"
-    if key in ("ln_out.weight", "ln_out.bias"):
-        return "model." + key, "same"
-    m = re.fullmatch(r"blocks\.(\d+)\.(.+)", key)
-    if not m:
-        raise KeyError(key)
-    i, rest = m.group(1), m.group(2)
-    p = f"model.blocks.{i}."
-    if rest in ("ln0.weight", "ln0.bias") and i == "0":
-        return "model." + rest, "same"
-    if re.fullmatch(r"ln[12]\.(weight|bias)", rest):
-        return p + rest, "same"
-    part, _, name = rest.partition(".")
-    if part == "ffn" and name in _FFN_VEC or part == "att" and name in _ATT_VEC:
-        return p + rest, "flatten"
-    if part == "ffn" and name in _SAME_FFN or part == "att" and name in _SAME_ATT:
-        return p + rest, "same"
-    raise KeyError(key)
-
-
-def blinkdl_to_hf(sd: StateDict, where: str = "checkpoint") -> Tuple[RWKV4Config, StateDict]:
-    config = config_from_blinkdl(sd, where)
-    out: StateDict = {}
-    for key, t in sd.items():
-        try:
-            new, how = blinkdl_key_to_hf(key)
-        except KeyError:
-            raise CheckpointError(f"{where}: unexpected key '{key}' (not part of an RWKV-4 checkpoint "
-                                  f"this converter knows)") from None
-        if not isinstance(t, torch.Tensor):
-            raise CheckpointError(f"{where}: key '{key}' holds a {type(t).__name__}, not a tensor")
-        out[new] = t.reshape(-1) if how == "flatten" else t
-    from .modeling_rwkv4 import RWKV4ForCausalLM
-    check_complete(out, config, where, RWKV4ForCausalLM)
-    return config, {k: v.contiguous() for k, v in out.items()}
-
-
-def hf_to_blinkdl(sd: StateDict, config: RWKV4Config) -> StateDict:
-    """Our state dict -> BlinkDL keys and shapes (the exact inverse of ``blinkdl_to_hf``)."""
-    C = config.hidden_size
-    out: StateDict = {}
-    for key, t in sd.items():
-        if key == "model.emb.weight":
-            out["emb.weight"] = t
-        elif key == "head.weight":
-            out["head.weight"] = t
-        elif key in ("model.ln_out.weight", "model.ln_out.bias"):
-            out[key[len("model."):]] = t
-        elif key in ("model.ln0.weight", "model.ln0.bias"):
-            out["blocks.0." + key[len("model."):]] = t
-        else:
-            m = re.fullmatch(r"model\.blocks\.(\d+)\.(att|ffn|ln1|ln2)\.(.+)", key)
-            if not m:
-                raise CheckpointError(f"unexpected key '{key}' in the model's RWKV-4 state dict")
-            i, part, name = m.groups()
-            p = f"blocks.{i}.{part}."
-            if (part == "att" and name in _ATT_VEC) or (part == "ffn" and name in _FFN_VEC):
-                out[p + name] = t.reshape(1, 1, C)
-            else:
-                out[p + name] = t
-    return {k: out[k].contiguous() for k in sorted(out, key=_official_order)}
 
 
 # the order of the official v4 training code's parameters (RWKV-LM v4neo: ln1, ln2, then ln0 in block 0)
@@ -148,22 +75,6 @@ _BLOCK_ORDER = ["ln1.weight", "ln1.bias", "ln2.weight", "ln2.bias", "ln0.weight"
 ] + ["ffn.time_mix_k", "ffn.time_mix_r", "ffn.key.weight", "ffn.receptance.weight", "ffn.value.weight"]
 
 
-def _official_order(key: str):
-    if key == "emb.weight":
-        return (0, 0, 0)
-    if key.startswith("blocks."):
-        _, i, rest = key.split(".", 2)
-        return (1, int(i), _BLOCK_ORDER.index(rest) if rest in _BLOCK_ORDER else len(_BLOCK_ORDER))
-    return (2, 0, int(key.endswith("bias"))) if key.startswith("ln_out") else (3, 0, 0)
-
-
-def load_blinkdl_model(sd: StateDict, where: str = "checkpoint", dtype=None):
-    """A ``RWKV4ForCausalLM`` holding the tensors of a BlinkDL state dict (for tests and scripts)."""
-    from .modeling_rwkv4 import RWKV4ForCausalLM
-    config, hf = blinkdl_to_hf(sd, where)
-    with torch.device("meta"):
-        model = RWKV4ForCausalLM(config)
-    model.load_state_dict(hf, assign=True, strict=True)
-    if dtype is not None:
-        model = model.to(dtype)
-    return model.eval()
+KEYMAP = KeyMap("RWKV-4", "rwkv_peft.models.rwkv4.modeling_rwkv4:RWKV4ForCausalLM", config_from_blinkdl,
+                att_vec=_ATT_VEC, ffn_vec=_FFN_VEC, att_same=_SAME_ATT, ffn_same=_SAME_FFN, block_order=_BLOCK_ORDER)
+blinkdl_to_hf, hf_to_blinkdl, load_blinkdl_model = KEYMAP.blinkdl_to_hf, KEYMAP.hf_to_blinkdl, KEYMAP.load_blinkdl_model

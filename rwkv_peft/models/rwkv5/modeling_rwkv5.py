@@ -30,10 +30,9 @@ from transformers import initialization as init
 from transformers import PreTrainedModel
 
 from ...ops.wkv5 import wkv5
-from ... import versions
 from ..common import (
-    INITIAL_STATE_KEYS, RWKVBlock, RWKVCausalLMOutput, RWKVGenerationMixin, RWKVModelMixin, RWKVOutput,
-    init_initial_states, init_shared_weights, initial_shift, token_shift,
+    INITIAL_STATE_KEYS, MatrixStateMixin, RWKVBlock, RWKVCausalLMOutput, RWKVGenerationMixin, RWKVModelMixin,
+    RWKVOutput, init_initial_states, init_shared_weights, initial_shift, token_shift,
 )
 from ..rows import Rows
 from .configuration_rwkv5 import RWKV5Config
@@ -46,7 +45,9 @@ def _mix(x: torch.Tensor, prev: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     return x * m + prev * (1 - m)
 
 
-class RWKV5TimeMix(nn.Module):
+class RWKV5TimeMix(MatrixStateMixin, nn.Module):
+    version_name = "rwkv5"
+
     def __init__(self, config: RWKV5Config, layer_idx: int):
         super().__init__()
         C, H, N = config.hidden_size, config.num_heads, config.head_size
@@ -63,14 +64,6 @@ class RWKV5TimeMix(nn.Module):
         self.ln_x = nn.GroupNorm(H, C, eps=config.head_norm_eps)
         self.time_state = nn.Parameter(torch.zeros(H, N, N)) if config.use_initial_state else None
         self.shift_state = initial_shift(config)
-
-    def initial_wkv(self) -> Optional[torch.Tensor]:
-        """The learned initial WKV state in the op's layout (state tuning), or None: ``att.time_state`` is kept
-        as state files keep it, the op runs on the official package's layout (``Version.state_to_op``)."""
-        return None if self.time_state is None else versions.by_name("rwkv5").state_to_op(self.time_state)
-
-    def blank_wkv(self) -> torch.Tensor:
-        return torch.zeros(self.num_heads, self.head_size, self.head_size, device=self.receptance.weight.device)
 
     def forward(self, x, carry, shift: Optional[torch.Tensor], wkv_state: Optional[torch.Tensor],
                 rows: Optional[Rows]):

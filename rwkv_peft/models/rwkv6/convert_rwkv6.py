@@ -23,12 +23,12 @@ head.weight                                 [V, C]       head.weight (no prefix)
 """
 from __future__ import annotations
 
-import re
-from typing import Dict, Tuple
+from typing import Dict
 
 import torch
 
-from ..rwkv7.convert_rwkv7 import CheckpointError, check_complete, detect_version
+from ..keymap import KeyMap, layer_count, require
+from ..rwkv7.convert_rwkv7 import CheckpointError, detect_version
 from .configuration_rwkv6 import RWKV6Config
 
 StateDict = Dict[str, torch.Tensor]
@@ -51,7 +51,7 @@ def config_from_blinkdl(sd: StateDict, where: str = "checkpoint") -> RWKV6Config
         raise CheckpointError(f"{where}: {e}") from None
     if version != "6":
         raise CheckpointError(f"{where}: RWKV-{version} checkpoint; this converter handles RWKV-6 only")
-    _require(sd, ("emb.weight", "blocks.0.att.time_faaaa", "blocks.0.att.time_maa_w2", "blocks.0.att.time_decay_w1",
+    require(sd, ("emb.weight", "blocks.0.att.time_faaaa", "blocks.0.att.time_maa_w2", "blocks.0.att.time_decay_w1",
                   "blocks.0.ffn.key.weight"), f"{where}: RWKV-6 checkpoint")
     V, C = sd["emb.weight"].shape
     faaaa = sd["blocks.0.att.time_faaaa"]
@@ -61,108 +61,13 @@ def config_from_blinkdl(sd: StateDict, where: str = "checkpoint") -> RWKV6Config
     maa_w2 = sd["blocks.0.att.time_maa_w2"]
     if maa_w2.dim() != 3 or maa_w2.shape[0] != 5:
         raise CheckpointError(f"{where}: 'blocks.0.att.time_maa_w2' has shape {list(maa_w2.shape)}; expected [5, D, C]")
-    layers = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k)))
+    layers = layer_count(sd)
     return RWKV6Config(
         vocab_size=V, hidden_size=C, num_hidden_layers=layers, head_size=N,
         intermediate_size=sd["blocks.0.ffn.key.weight"].shape[0],
         mix_low_rank=maa_w2.shape[1], decay_low_rank=sd["blocks.0.att.time_decay_w1"].shape[1],
         use_initial_state="blocks.0.att.time_state" in sd,
     )
-
-
-def _require(sd: StateDict, keys, where: str):
-    for k in keys:
-        if k not in sd:
-            raise CheckpointError(f"{where}: missing key '{k}'")
-
-
-def blinkdl_key_to_hf(key: str) -> Tuple[str, str]:
-    """(our key, how the tensor changes: 'same' | 'flatten' | 'transpose')."""
-    if key == "emb.weight":
-        return "model.emb.weight", "same"
-    if key == "head.weight":
-        return "head.weight", "same"
-    if key in ("ln_out.weight", "ln_out.bias"):
-        return "model." + key, "same"
-    m = re.fullmatch(r"blocks\.(\d+)\.(.+)", key)
-    if not m:
-        raise KeyError(key)
-    i, rest = m.group(1), m.group(2)
-    p = f"model.blocks.{i}."
-    if rest in ("ln0.weight", "ln0.bias") and i == "0":
-        return "model." + rest, "same"
-    if re.fullmatch(r"ln[12]\.(weight|bias)", rest):
-        return p + rest, "same"
-    if rest.startswith("ffn."):
-        name = rest[4:]
-        if name in _FFN_VEC:
-            return p + rest, "flatten"
-        if name in _SAME_FFN:
-            return p + rest, "same"
-    if rest.startswith("att."):
-        name = rest[4:]
-        if name in _ATT_VEC:
-            return p + rest, "flatten"
-        if name in _SAME_ATT:
-            return p + rest, "same"
-        if name in _TRANSPOSED:
-            return p + "att." + _TRANSPOSED[name], "transpose"
-        if name in _RENAMED:
-            return p + "att." + _RENAMED[name], "same"
-    raise KeyError(key)
-
-
-def blinkdl_to_hf(sd: StateDict, where: str = "checkpoint") -> Tuple[RWKV6Config, StateDict]:
-    config = config_from_blinkdl(sd, where)
-    out: StateDict = {}
-    for key, t in sd.items():
-        try:
-            new, how = blinkdl_key_to_hf(key)
-        except KeyError:
-            raise CheckpointError(f"{where}: unexpected key '{key}' (not part of an RWKV-6 checkpoint "
-                                  f"this converter knows)") from None
-        if not isinstance(t, torch.Tensor):
-            raise CheckpointError(f"{where}: key '{key}' holds a {type(t).__name__}, not a tensor")
-        if how == "transpose" and t.dim() != 2:
-            raise CheckpointError(f"{where}: '{key}' has shape {list(t.shape)}; expected a matrix")
-        out[new] = t.reshape(-1) if how == "flatten" else t.t() if how == "transpose" else t
-    from .modeling_rwkv6 import RWKV6ForCausalLM
-    check_complete(out, config, where, RWKV6ForCausalLM)
-    return config, {k: v.contiguous() for k, v in out.items()}
-
-
-_INV_TRANSPOSED = {v: k for k, v in _TRANSPOSED.items()}
-_INV_RENAMED = {v: k for k, v in _RENAMED.items()}
-
-
-def hf_to_blinkdl(sd: StateDict, config: RWKV6Config) -> StateDict:
-    """Our state dict -> BlinkDL keys and shapes (the exact inverse of ``blinkdl_to_hf``)."""
-    C = config.hidden_size
-    out: StateDict = {}
-    for key, t in sd.items():
-        if key == "model.emb.weight":
-            out["emb.weight"] = t
-        elif key == "head.weight":
-            out["head.weight"] = t
-        elif key in ("model.ln_out.weight", "model.ln_out.bias"):
-            out[key[len("model."):]] = t
-        elif key in ("model.ln0.weight", "model.ln0.bias"):
-            out["blocks.0." + key[len("model."):]] = t
-        else:
-            m = re.fullmatch(r"model\.blocks\.(\d+)\.(att|ffn|ln1|ln2)\.(.+)", key)
-            if not m:
-                raise CheckpointError(f"unexpected key '{key}' in the model's RWKV-6 state dict")
-            i, part, name = m.groups()
-            p = f"blocks.{i}.{part}."
-            if part == "att" and name in _INV_TRANSPOSED:
-                out[p + _INV_TRANSPOSED[name]] = t.t()
-            elif part == "att" and name in _INV_RENAMED:
-                out[p + _INV_RENAMED[name]] = t
-            elif (part == "att" and name in _ATT_VEC) or (part == "ffn" and name in _FFN_VEC):
-                out[p + name] = t.reshape(1, 1, C)
-            else:
-                out[p + name] = t
-    return {k: out[k].contiguous() for k in sorted(out, key=_official_order)}
 
 
 _BLOCK_ORDER = ["ln0.weight", "ln0.bias", "ln1.weight", "ln1.bias", "ln2.weight", "ln2.bias"] + [
@@ -173,23 +78,7 @@ _BLOCK_ORDER = ["ln0.weight", "ln0.bias", "ln1.weight", "ln1.bias", "ln2.weight"
 ] + ["ffn.time_maa_k", "ffn.time_maa_r", "ffn.key.weight", "ffn.receptance.weight", "ffn.value.weight"]
 
 
-def _official_order(key: str):
-    """The order the official training code saves keys in (module definition order)."""
-    if key == "emb.weight":
-        return (0, 0, 0)
-    if key.startswith("blocks."):
-        _, i, rest = key.split(".", 2)
-        return (1, int(i), _BLOCK_ORDER.index(rest) if rest in _BLOCK_ORDER else len(_BLOCK_ORDER))
-    return (2, 0, int(key.endswith("bias"))) if key.startswith("ln_out") else (3, 0, 0)
-
-
-def load_blinkdl_model(sd: StateDict, where: str = "checkpoint", dtype=None):
-    """A ``RWKV6ForCausalLM`` holding the tensors of a BlinkDL state dict (for tests and scripts)."""
-    from .modeling_rwkv6 import RWKV6ForCausalLM
-    config, hf = blinkdl_to_hf(sd, where)
-    with torch.device("meta"):
-        model = RWKV6ForCausalLM(config)
-    model.load_state_dict(hf, assign=True, strict=True)
-    if dtype is not None:
-        model = model.to(dtype)
-    return model.eval()
+KEYMAP = KeyMap("RWKV-6", "rwkv_peft.models.rwkv6.modeling_rwkv6:RWKV6ForCausalLM", config_from_blinkdl,
+                att_vec=_ATT_VEC, ffn_vec=_FFN_VEC, att_same=_SAME_ATT, ffn_same=_SAME_FFN, block_order=_BLOCK_ORDER,
+                att_transposed=_TRANSPOSED, att_renamed=_RENAMED)
+blinkdl_to_hf, hf_to_blinkdl, load_blinkdl_model = KEYMAP.blinkdl_to_hf, KEYMAP.hf_to_blinkdl, KEYMAP.load_blinkdl_model

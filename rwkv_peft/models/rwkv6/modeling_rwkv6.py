@@ -26,10 +26,9 @@ from transformers import initialization as init
 from transformers import PreTrainedModel
 
 from ...ops.wkv6 import wkv6
-from ... import versions
 from ..common import (
-    INITIAL_STATE_KEYS, LowRank, RWKVBlock, RWKVCausalLMOutput, RWKVGenerationMixin, RWKVModelMixin, RWKVOutput, init_shared_weights,
-    init_initial_states, initial_shift, token_shift,
+    INITIAL_STATE_KEYS, LowRank, MatrixStateMixin, RWKVBlock, RWKVCausalLMOutput, RWKVGenerationMixin,
+    RWKVModelMixin, RWKVOutput, init_initial_states, init_shared_weights, initial_shift, token_shift,
 )
 from ..rows import Rows
 from .configuration_rwkv6 import RWKV6Config
@@ -55,7 +54,9 @@ class MixLowRank(nn.Module):
         return torch.einsum("btfd,fdc->fbtc", h, self.up.to(h.dtype)).unbind(0)  # 5 x [B, T, C]
 
 
-class RWKV6TimeMix(nn.Module):
+class RWKV6TimeMix(MatrixStateMixin, nn.Module):
+    version_name = "rwkv6"
+
     def __init__(self, config: RWKV6Config, layer_idx: int):
         super().__init__()
         C, H, N = config.hidden_size, config.num_heads, config.head_size
@@ -74,14 +75,6 @@ class RWKV6TimeMix(nn.Module):
         self.ln_x = nn.GroupNorm(H, C, eps=config.head_norm_eps)
         self.time_state = nn.Parameter(torch.zeros(H, N, N)) if config.use_initial_state else None
         self.shift_state = initial_shift(config)
-
-    def initial_wkv(self) -> Optional[torch.Tensor]:
-        """The learned initial WKV state in the op's layout (state tuning), or None: ``att.time_state`` is kept
-        as state files keep it, the op runs on the official package's layout (``Version.state_to_op``)."""
-        return None if self.time_state is None else versions.by_name("rwkv6").state_to_op(self.time_state)
-
-    def blank_wkv(self) -> torch.Tensor:
-        return torch.zeros(self.num_heads, self.head_size, self.head_size, device=self.receptance.weight.device)
 
     def forward(self, x, carry, shift: Optional[torch.Tensor], wkv_state: Optional[torch.Tensor],
                 rows: Optional[Rows]):

@@ -26,6 +26,7 @@ from typing import Dict, Tuple
 import torch
 
 from ...errors import CheckpointError  # noqa: F401 (imported from here too)
+from ..keymap import KeyMap, check_complete as _check_complete, layer_count, require
 from .configuration_rwkv7 import RWKV7Config
 
 StateDict = Dict[str, torch.Tensor]
@@ -59,11 +60,11 @@ def config_from_blinkdl(sd: StateDict, where: str = "checkpoint") -> RWKV7Config
     version = detect_version(sd)
     if version != "7":
         raise CheckpointError(f"{where}: RWKV-{version} checkpoint; this converter handles RWKV-7 only")
-    _require(sd, ("emb.weight", "blocks.0.att.r_k", "blocks.0.att.w1", "blocks.0.att.a1", "blocks.0.att.v1",
+    require(sd, ("emb.weight", "blocks.0.att.r_k", "blocks.0.att.w1", "blocks.0.att.a1", "blocks.0.att.v1",
                   "blocks.0.att.g1", "blocks.0.ffn.key.weight"), where)
     V, C = sd["emb.weight"].shape
     H, N = sd["blocks.0.att.r_k"].shape
-    layers = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k)))
+    layers = layer_count(sd)
     return RWKV7Config(
         vocab_size=V, hidden_size=C, num_hidden_layers=layers, head_size=N,
         intermediate_size=sd["blocks.0.ffn.key.weight"].shape[0],
@@ -74,115 +75,7 @@ def config_from_blinkdl(sd: StateDict, where: str = "checkpoint") -> RWKV7Config
     )
 
 
-def _require(sd: StateDict, keys, where: str):
-    for k in keys:
-        if k not in sd:
-            raise CheckpointError(f"{where}: missing key '{k}'")
-
-
 DEEP_EMBED = ("ffn.s_emb.weight", "ffn.s_emb_x.weight", "ffn.s1", "ffn.s2", "ffn.s0")  # DeepEmbed variant
-
-
-def blinkdl_key_to_hf(key: str) -> Tuple[str, str]:
-    """(our key, how the tensor changes: 'same' | 'flatten' | 'transpose')."""
-    if key == "emb.weight":
-        return "model.emb.weight", "same"
-    if key == "head.weight":
-        return "head.weight", "same"
-    if key.startswith("ln_out."):
-        return "model." + key, "same"
-    m = re.fullmatch(r"blocks\.(\d+)\.(.+)", key)
-    if not m:
-        raise KeyError(key)
-    i, rest = m.group(1), m.group(2)
-    p = f"model.blocks.{i}."
-    if rest in ("ln0.weight", "ln0.bias") and i == "0":
-        return "model." + rest, "same"
-    if re.fullmatch(r"ln[12]\.(weight|bias)", rest):
-        return p + rest, "same"
-    if rest == "ffn.x_k":
-        return p + rest, "flatten"
-    if rest in ("ffn.key.weight", "ffn.value.weight") + DEEP_EMBED:
-        return p + rest, "same"
-    if rest.startswith("att."):
-        name = rest[4:]
-        if name in _VEC:
-            return p + rest, "flatten"
-        if name in _SAME_ATT:
-            return p + rest, "same"
-        lm = re.fullmatch(r"([wavg])([12])", name)
-        if lm:
-            part = "down" if lm.group(2) == "1" else "up"
-            return f"{p}att.{_LORA[lm.group(1)]}.{part}.weight", "transpose"
-    raise KeyError(key)
-
-
-def blinkdl_to_hf(sd: StateDict, where: str = "checkpoint") -> Tuple[RWKV7Config, StateDict]:
-    config = config_from_blinkdl(sd, where)
-    out: StateDict = {}
-    for key, t in sd.items():
-        try:
-            new, how = blinkdl_key_to_hf(key)
-        except KeyError:
-            raise CheckpointError(f"{where}: unexpected key '{key}' (not part of an RWKV-7 checkpoint "
-                                  f"this converter knows)") from None
-        if not isinstance(t, torch.Tensor):
-            raise CheckpointError(f"{where}: key '{key}' holds a {type(t).__name__}, not a tensor")
-        out[new] = t.reshape(-1) if how == "flatten" else t.t() if how == "transpose" else t
-    check_complete(out, config, where)
-    return config, {k: v.contiguous() for k, v in out.items()}
-
-
-def expected_hf_keys(config, model_class=None) -> Dict[str, Tuple[int, ...]]:
-    """Every key of our state dict and its shape, for checks (built from the model itself on 'meta')."""
-    if model_class is None:
-        from .modeling_rwkv7 import RWKV7ForCausalLM as model_class
-    with torch.device("meta"):
-        model = model_class(config)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
-
-
-def check_complete(sd: StateDict, config, where: str, model_class=None) -> None:
-    """Every tensor the model (RWKV-7 unless ``model_class`` says otherwise) needs, in its shape, and no other."""
-    expected = expected_hf_keys(config, model_class)
-    for k, shape in expected.items():
-        if k not in sd:
-            raise CheckpointError(f"{where}: missing tensor for '{k}' (expected shape {list(shape)})")
-        if tuple(sd[k].shape) != shape:
-            raise CheckpointError(f"{where}: '{k}' has shape {list(sd[k].shape)}; the sizes read from the "
-                                  f"checkpoint give {list(shape)}")
-    extra = sorted(set(sd) - set(expected))
-    if extra:
-        more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
-        raise CheckpointError(f"{where}: unexpected key '{extra[0]}'{more}")
-
-
-def hf_to_blinkdl(sd: StateDict, config: RWKV7Config) -> StateDict:
-    """Our state dict -> BlinkDL keys and shapes (the exact inverse of ``blinkdl_to_hf``)."""
-    C = config.hidden_size
-    out: StateDict = {}
-    for key, t in sd.items():
-        if key == "model.emb.weight":
-            out["emb.weight"] = t
-        elif key == "head.weight":
-            out["head.weight"] = t
-        elif key.startswith("model.ln_out."):
-            out[key[len("model."):]] = t
-        elif key.startswith("model.ln0."):
-            out["blocks.0." + key[len("model."):]] = t
-        else:
-            m = re.fullmatch(r"model\.blocks\.(\d+)\.(.+)", key)
-            if not m:
-                raise CheckpointError(f"unexpected key '{key}' in the model's state dict")
-            i, rest = m.group(1), m.group(2)
-            lm = re.fullmatch(r"att\.([wavg])_lora\.(down|up)\.weight", rest)
-            if lm:
-                out[f"blocks.{i}.att.{lm.group(1)}{1 if lm.group(2) == 'down' else 2}"] = t.t()
-            elif rest == "ffn.x_k" or (rest.startswith("att.") and rest[4:] in _VEC):
-                out[f"blocks.{i}.{rest}"] = t.reshape(1, 1, C)
-            else:
-                out[f"blocks.{i}.{rest}"] = t
-    return {k: out[k].contiguous() for k in sorted(out, key=_official_order)}
 
 
 _BLOCK_ORDER = ["ln0.weight", "ln0.bias", "ln1.weight", "ln1.bias", "ln2.weight", "ln2.bias"] + [
@@ -192,14 +85,19 @@ _BLOCK_ORDER = ["ln0.weight", "ln0.bias", "ln1.weight", "ln1.bias", "ln2.weight"
 ] + ["ffn.x_k", "ffn.key.weight", "ffn.value.weight", *DEEP_EMBED]
 
 
-def _official_order(key: str):
-    """The order the official training code saves keys in (module definition order)."""
-    if key == "emb.weight":
-        return (0, 0, 0)
-    if key.startswith("blocks."):
-        _, i, rest = key.split(".", 2)
-        return (1, int(i), _BLOCK_ORDER.index(rest) if rest in _BLOCK_ORDER else len(_BLOCK_ORDER))
-    return (2, 0, int(key.endswith("bias"))) if key.startswith("ln_out") else (3, 0, 0)
+
+KEYMAP = KeyMap("RWKV-7", "rwkv_peft.models.rwkv7.modeling_rwkv7:RWKV7ForCausalLM", config_from_blinkdl,
+                att_vec=_VEC, ffn_vec=("x_k",), att_same=_SAME_ATT,
+                ffn_same=("key.weight", "value.weight") + tuple(d[len("ffn."):] for d in DEEP_EMBED),
+                block_order=_BLOCK_ORDER,
+                att_transposed={f"{x}{i}": f"{_LORA[x]}.{'down' if i == 1 else 'up'}.weight" for x in _LORA
+                                for i in (1, 2)})
+blinkdl_to_hf, hf_to_blinkdl, load_blinkdl_model = KEYMAP.blinkdl_to_hf, KEYMAP.hf_to_blinkdl, KEYMAP.load_blinkdl_model
+
+
+def check_complete(sd: StateDict, config, where: str, model_class=None) -> None:
+    """Every tensor the model (RWKV-7 unless ``model_class`` says otherwise) needs, in its shape, and no other."""
+    _check_complete(sd, config, where, model_class or KEYMAP.causal_lm_class())
 
 
 # ---- flash-linear-attention's RWKV-7 HF checkpoints ----------------------------------------------------------
@@ -219,7 +117,7 @@ def fla_to_hf(sd: StateDict, fla_config: dict, where: str = "checkpoint") -> Tup
     ``Linear(D, C)`` with the bias holding ``w0``/``a0``/``v0`` (``lora.2``). fla has no ``v_lora`` in layer 0;
     ours gets zeros there (the official model ignores layer 0's v-lora too).
     """
-    _require(sd, ("model.embeddings.weight", "model.layers.0.attn.r_k", "model.layers.0.attn.w_lora.lora.0.weight",
+    require(sd, ("model.embeddings.weight", "model.layers.0.attn.r_k", "model.layers.0.attn.w_lora.lora.0.weight",
                   "model.layers.0.ffn.key.weight"), where)
     V, C = sd["model.embeddings.weight"].shape
     H, N = sd["model.layers.0.attn.r_k"].shape
