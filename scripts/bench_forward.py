@@ -60,6 +60,9 @@ def main():
     p.add_argument("--repeats", type=int, default=5, help="alternating rounds (ours, official); medians reported")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--json", type=Path, help="write the results here")
+    p.add_argument("--layouts", action="store_true",
+                   help="also decode with only the head's weight stored transposed, [in, out] in memory (chat / "
+                        "generate store every Linear weight so: relayout_for_cpu_decoding, always measured)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -90,6 +93,15 @@ def main():
     W = model.head.weight.detach()
     W_official = W.t().contiguous()  # the official package's head layout [C, V]
     h = torch.randn(1, args.width)
+    # every weight a decode step reads from memory (all nn.Linear: the head and the layers), in the official layout
+    floor_weights = [mod.weight.detach().t().contiguous() for mod in model.modules()
+                     if isinstance(mod, torch.nn.Linear)]
+    floor_inputs = [torch.randn(1, w.shape[0]) for w in floor_weights]
+    floor_mb = sum(w.numel() * w.element_size() for w in floor_weights) / 1e6
+
+    def floor():
+        for xi, wi in zip(floor_inputs, floor_weights):
+            xi @ wi
 
     def timed(fn, n=1):
         t0 = time.perf_counter()
@@ -97,16 +109,28 @@ def main():
             fn()
         return (time.perf_counter() - t0) / n
 
-    def decode_loop():
+    def decode_loop(m=model):
         state = None
         for t in tokens[: args.steps]:
-            state = model(torch.tensor([[t]]), state=state, use_cache=True).state
+            state = m(torch.tensor([[t]]), state=state, use_cache=True).state
+
+    from rwkv_peft.methods import relayout_for_cpu_decoding
+    relaid = {}
+    chat_model = AutoModelForCausalLM.from_pretrained(tmp / "hf", dtype=torch.float32).eval()
+    relayout_for_cpu_decoding(chat_model)  # as `rwkv-peft chat` / `generate` load a model on the CPU
+    relaid["chat"] = chat_model
+    if args.layouts:  # the head alone stored [in, out]
+        m = AutoModelForCausalLM.from_pretrained(tmp / "hf", dtype=torch.float32).eval()
+        m.head.weight.data = m.head.weight.data.t().contiguous().t()
+        relaid["head"] = m
 
     def ours_round():
         return {"seq_s": timed(lambda: model(x, use_cache=True)), "step_s": timed(decode_loop),
                 "generate_s": timed(lambda: model.generate(x[:, :1], max_new_tokens=args.steps, do_sample=False)),
                 "head_linear_s": timed(lambda: torch.nn.functional.linear(h, W), 8),
-                "head_official_s": timed(lambda: h @ W_official, 8)}
+                "head_official_s": timed(lambda: h @ W_official, 8),
+                "matvec_floor_s": timed(floor, 4),
+                **{f"step_{name}_layout_s": timed(lambda: decode_loop(m)) for name, m in relaid.items()}}
 
     ours_runs, official_runs = [], []
     with torch.no_grad():
@@ -124,7 +148,8 @@ def main():
 
     rows = []
     for name, r in (("rwkv-peft", ours), ("official rwkv 0.8.32", official)):
-        rows.append({"impl": name, "seq_tokens_per_s": args.seq / r["seq_s"], "step_tokens_per_s": args.steps / r["step_s"],
+        rows.append({"impl": name, "seq_tokens_per_s": args.seq / r["seq_s"],
+                     "step_tokens_per_s": args.steps / r["step_s"],
                      "generate_tokens_per_s": args.steps / r["generate_s"] if "generate_s" in r else None})
     head_mb = W.numel() * W.element_size() / 1e6
     print(f"RWKV-7 L{args.layers} C{args.width} V{args.vocab}, fp32, CPU ({platform.processor() or platform.machine()}, "
@@ -137,13 +162,22 @@ def main():
     print(f"ratio (ours / official): forward {rows[0]['seq_tokens_per_s'] / rows[1]['seq_tokens_per_s']:.2f}x, "
           f"decode {rows[0]['step_tokens_per_s'] / rows[1]['step_tokens_per_s']:.2f}x (forward loop), "
           f"{rows[0]['generate_tokens_per_s'] / rows[1]['step_tokens_per_s']:.2f}x (our generate)")
+    for name, what in (("chat", "as chat / generate load it (relayout_for_cpu_decoding: every Linear [in, out])"),
+                       ("head", "with only the head's weight stored [in, out]")):
+        if name in relaid:
+            print(f"decode {what}: {args.steps / ours[f'step_{name}_layout_s']:.1f} tok/s "
+                  f"({official['step_s'] / ours[f'step_{name}_layout_s']:.2f}x official)")
     print(f"head matvec alone ({head_mb:.0f} MB fp32): nn.Linear layout [V, C] {ours['head_linear_s'] * 1e3:.2f} ms "
           f"({head_mb / 1e3 / ours['head_linear_s']:.1f} GB/s), official layout [C, V] "
           f"{ours['head_official_s'] * 1e3:.2f} ms ({head_mb / 1e3 / ours['head_official_s']:.1f} GB/s)")
+    print(f"matvec floor: the {len(floor_weights)} Linear weights ({floor_mb:.0f} MB) one after another, official "
+          f"layout, nothing else: {ours['matvec_floor_s'] * 1e3:.2f} ms/token = {1 / ours['matvec_floor_s']:.1f} tok/s "
+          f"({official['step_s'] / args.steps / ours['matvec_floor_s']:.2f}x official's decode)")
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": rows,
                                          "head_matvec_s": {"linear": ours["head_linear_s"],
                                                            "official_layout": ours["head_official_s"]},
+                                         "matvec_floor_s": ours["matvec_floor_s"], "matvec_floor_mb": floor_mb,
                                          "rounds": {"ours": ours_runs, "official": official_runs},
                                          "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}, indent=2))
 

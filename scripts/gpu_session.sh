@@ -3,9 +3,10 @@
 #   1. build the CUDA WKV-7 kernel and run the GPU tests (kernel vs the fp32/fp64 reference, all gradients),
 #   2. compute-sanitizer memcheck on the small kernel cases,
 #   3. the kernel benchmark (this kernel vs torch chunked vs flash-linear-attention when importable),
-#   4. optionally the memory benchmark for one shape (MEMORY_SHAPES=1.5B, ...).
+#   4. optionally the memory benchmark for one shape (MEMORY_SHAPES=1.5B, ...),
+#   5. optionally packed against padded training on short dialogues (issue: >= 3x real tokens/s packed).
 # Results go to $OUT (or ./gpu_results). Usage: OUT=/some/dir bash scripts/gpu_session.sh [step ...]
-# where step is any of: tests sanitizer bench memory (default: tests sanitizer bench).
+# where step is any of: tests sanitizer bench memory packing (default: tests sanitizer bench).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu_results}"
@@ -31,6 +32,10 @@ for step in "${steps[@]}"; do
         python scripts/bench_memory.py --shapes "$shape" --json "$OUT/bench_memory_$shape.json" 2>&1 \
           | tee "$OUT/bench_memory_$shape.txt" || status=1
       done ;;
+    packing)
+      python scripts/bench_packing.py --layers 24 --width 2048 --vocab 65536 --max-length 4096 --samples 256 \
+        --batch-size 8 --device cuda --dtype bfloat16 --gradient-checkpointing --json "$OUT/bench_packing.json" \
+        2>&1 | tee "$OUT/bench_packing.txt" || status=1 ;;
     *) echo "unknown step: $step" >&2; status=2 ;;
   esac
 done

@@ -207,6 +207,8 @@ def load_for_inference(model_path=None, adapter=None, tokenizer=None, dtype="flo
     ``model_path`` and ``adapter`` are path specs (``assets:...``, ``~``); without ``model_path`` the adapter's
     recorded base is used. ``state`` is a state file (runtime .pth / .safetensors) or adapter folder put on top.
     """
+    import torch
+
     from .. import methods
     from ..methods.adapter_io import AdapterMismatchError
     from ..models.rwkv7.convert_rwkv7 import CheckpointError
@@ -230,6 +232,8 @@ def load_for_inference(model_path=None, adapter=None, tokenizer=None, dtype="flo
         except (ValueError, FileNotFoundError, CheckpointError) as e:
             raise UsageError(f"--state {state!r}: {e}") from None
     model = model.to(device).eval()
+    if torch.device(device).type == "cpu":  # decoding reads every weight per token: the layout MKL reads fastest
+        methods.relayout_for_cpu_decoding(model)
     cfg = getattr(model, "config", None)
     tok = load_tokenizer_for(base, adapter_path, tokenizer, getattr(cfg, "vocab_size", None))
     return model, tok

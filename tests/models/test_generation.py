@@ -185,3 +185,27 @@ def test_a_generate_that_stops_handing_the_state_back_is_an_error(model, monkeyp
     with pytest.raises(GenerationHookError, match="did not hand the RNN state back"):
         model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False)
 
+
+
+def test_cpu_decoding_layout_keeps_logits_and_generation(model):
+    """relayout_for_cpu_decoding (what chat / generate do on the CPU): every plain Linear weight [in, out] in memory,
+    same values and modules; logits within float rounding, greedy generation identical, peft still wraps it."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    from rwkv_peft.methods import relayout_for_cpu_decoding
+    from rwkv_peft.quiet import peft_wrapping
+    relaid = copy.deepcopy(model)
+    linears = [m for m in relaid.modules() if type(m) is torch.nn.Linear]
+    assert relayout_for_cpu_decoding(relaid) == len(linears) > 0
+    assert all(not m.weight.is_contiguous() and m.weight.t().is_contiguous() for m in linears)
+    assert relayout_for_cpu_decoding(relaid) == 0  # once is enough
+    ids = prompt(2, 9)
+    with torch.no_grad():
+        assert torch.allclose(relaid(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
+    assert torch.equal(relaid.generate(ids, **kw), model.generate(ids, **kw))
+    with peft_wrapping():
+        lora = get_peft_model(relaid, LoraConfig(r=4, target_modules=["key", "value"], init_lora_weights=False))
+    assert lora.generate(ids, **kw).shape == (2, 15)

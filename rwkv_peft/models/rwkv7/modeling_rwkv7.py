@@ -63,8 +63,6 @@ class RWKV7TimeMix(nn.Module):
                 rows: Optional[Rows]):
         B, T, C = x.shape
         H, N = self.num_heads, self.head_size
-        if T == 1 and (rows is None or (rows.mask is None and rows.starts is None)):
-            return self._step(x, v_first, shift, wkv_state)
         x_prev, shift_out = token_shift(x, shift, rows, self.shift_state)
         xx = x_prev - x
         xr, xw, xk, xv, xa, xg = (x + xx * m for m in (self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g))
@@ -91,44 +89,6 @@ class RWKV7TimeMix(nn.Module):
         bonus = (heads(r) * heads(k) * self.r_k).sum(dim=-1, keepdim=True) * heads(v)  # [B, T, H, N]
         o = o + bonus.reshape(B, T, C)
         return self.output(o * g), v_first, shift_out, wkv_out
-
-    def _step(self, x, v_first, shift: Optional[torch.Tensor], wkv_state: Optional[torch.Tensor]):
-        """``forward`` for one token per row (decoding) with no padding or sample start: the same sums in the
-        same order on ``[B, C]`` rows, without the sequence machinery (token-shift gather, row segments)."""
-        B, _, C = x.shape
-        H, N = self.num_heads, self.head_size
-        x1 = x[:, 0]                                                                 # [B, C]
-        if shift is not None:
-            prev = shift.to(x.dtype)
-        elif self.shift_state is not None:
-            prev = self.shift_state.to(x.dtype).expand(B, C)
-        else:
-            prev = x1.new_zeros(B, C)
-        xx = prev - x1
-        mix = torch.stack((self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g))  # [6, C]
-        xr, xw, xk, xv, xa, xg = (x1.unsqueeze(1) + xx.unsqueeze(1) * mix).unbind(1)
-
-        r = self.receptance(xr)
-        w = -DECAY_SCALE * torch.sigmoid((self.w0 + self.w_lora(xw, torch.tanh)).float())  # log decay, fp32
-        k = self.key(xk)
-        v = self.value(xv)
-        a = torch.sigmoid(self.a0 + self.a_lora(xa))
-        g = self.g_lora(xg, torch.sigmoid)
-
-        kk = F.normalize((k * self.k_k).view(B, H, N), dim=-1, p=2.0)                # [B, H, N]
-        k = k * (1 + (a - 1) * self.k_a)
-        if self.layer_idx == 0:
-            v_first = v.unsqueeze(1)
-        else:
-            v = v + (v_first.view(B, C) - v) * torch.sigmoid(self.v0 + self.v_lora(xv))
-
-        rh, kh, vh = r.view(B, H, N), k.view(B, H, N), v.view(B, H, N)
-        one = lambda t: t.unsqueeze(1)  # noqa: E731   [B, H, N] -> [B, 1, H, N], the op's layout
-        o, wkv_out = wkv7(one(rh), one(w.view(B, H, N)), one(kh), one(vh), one(-kk), one(kk * a.view(B, H, N)),
-                          initial_state=wkv_state if wkv_state is not None else self.time_state)
-        o = self.ln_x(o.reshape(B, C))
-        o = o + ((rh * kh * self.r_k).sum(dim=-1, keepdim=True) * vh).view(B, C)
-        return self.output(o * g).unsqueeze(1), v_first, x1, wkv_out
 
 
 def _wkv(tensors, mask, initial_state):
