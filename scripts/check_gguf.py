@@ -8,8 +8,9 @@ llama.cpp runs through llama-cpp-python (`pip install llama-cpp-python`; it buil
 minutes on 2 cores). Prints max |difference|, the relative error (max |diff| / max |ours|) and how often the top
 token agrees, per position; with --text it also checks that llama.cpp tokenizes the text as we do (the token list
 and types in the file). Exit codes: 0 within --tol, 1 outside it (or tokenization differs), 2 when llama-cpp-python
-is not importable or an argument is bad. Default --tol by the file's type: f32 1e-3, f16/bf16 3e-2, q8_0 6e-2
-(starting points, not measured yet). llama.cpp's ln_x group-norm eps is fixed at 64e-5: a model whose head size
+is not importable or an argument is bad. Default --tol by the file's type: f32 1e-3, f16/bf16 3e-2, q8_0 0.15
+(measured with llama-cpp-python 0.3.36 on random 2-layer, width-256 models, World vocabulary: f32 5.6e-7 /
+1.6e-6, f16 7.1e-4 / 2.8e-3, q8_0 1.9e-2 / 7.8e-2 for RWKV-7 / RWKV-6; q8_0's error depends on the weights). llama.cpp's ln_x group-norm eps is fixed at 64e-5: a model whose head size
 is not 64 differs a little more.
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ import argparse
 import json
 import sys
 
-DEFAULT_TOL = {0: 1e-3, 1: 3e-2, 32: 3e-2, 7: 6e-2}  # by general.file_type
+DEFAULT_TOL = {0: 1e-3, 1: 3e-2, 32: 3e-2, 7: 0.15}  # by general.file_type
 DEFAULT_TEXT = "User: What is the capital of France?\n\nAssistant: The capital of France is Paris.\n\n"
 
 
@@ -89,7 +90,7 @@ def main(argv=None) -> int:
     diff = (theirs - ours).abs()
     rel = float(diff.max() / ours.abs().max())
     agree = (theirs.argmax(-1) == ours.argmax(-1)).float().mean().item()
-    tol = args.tol if args.tol is not None else DEFAULT_TOL.get(file_type(args.gguf), 6e-2)
+    tol = args.tol if args.tol is not None else DEFAULT_TOL.get(file_type(args.gguf), 0.15)
     print(f"{'pos':>4} {'token':>6} {'max|diff|':>10} {'top ours':>9} {'top llama':>9}")
     for t, tok in enumerate(tokens):
         print(f"{t:>4} {tok:>6} {float(diff[t].max()):>10.3g} {int(ours[t].argmax()):>9} {int(theirs[t].argmax()):>9}")

@@ -5,6 +5,7 @@
 #   3. the kernel benchmark (this kernel vs torch chunked vs flash-linear-attention when importable),
 #   4. optionally the memory benchmark for one shape (MEMORY_SHAPES=1.5B, ...),
 #   5. optionally packed against padded training on short dialogues (issue: >= 3x real tokens/s packed).
+# Wheels the machine lacks come from scripts/gpu_wheels.sh (run it here first; carry wheels/).
 # Results go to $OUT (or ./gpu_results). Usage: OUT=/some/dir bash scripts/gpu_session.sh [step ...]
 # where step is any of: tests sanitizer bench memory packing (default: tests sanitizer bench).
 set -uo pipefail
@@ -12,6 +13,10 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu_results}"
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" RWKV_PEFT_KERNEL_CACHE="${RWKV_PEFT_KERNEL_CACHE:-$PWD/.kernel_cache}"
+if [ -d wheels ]; then  # what scripts/gpu_wheels.sh fetched beforehand (the machine has no network)
+  python -m pip install -q --no-index --no-deps wheels/*.whl 2>&1 | tail -2
+  export PYTHONPATH="$PWD/wheels/bnb:$PYTHONPATH"
+fi
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(tests sanitizer bench)
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
@@ -21,7 +26,8 @@ for step in "${steps[@]}"; do
   case "$step" in
     tests)
       python -m rwkv_peft.cli doctor 2>&1 | tee "$OUT/doctor.txt"
-      python -m pytest -q -m cuda tests/ops/test_wkv7_cuda.py -x 2>&1 | tee "$OUT/cuda_tests.txt" || status=1 ;;
+      python -m pytest -q -m cuda tests/ops/test_wkv7_cuda.py tests/ops/test_fla.py -x 2>&1 \
+        | tee "$OUT/cuda_tests.txt" || status=1 ;;
     sanitizer)
       compute-sanitizer --tool memcheck python -m pytest -q -m cuda -k small tests/ops/test_wkv7_cuda.py \
         2>&1 | tail -40 | tee "$OUT/memcheck.txt" || status=1 ;;

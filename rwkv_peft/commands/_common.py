@@ -9,7 +9,6 @@ as ``error: ...`` with exit code 2.
 from __future__ import annotations
 
 import os
-import re
 import shlex
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union

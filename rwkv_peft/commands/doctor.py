@@ -15,6 +15,7 @@ def run(args) -> int:
     import peft
 
     from .. import __version__
+    from ..ops.wkv6 import select_backend as select_v6
     from ..ops.wkv7 import select_backend
 
     print(f"rwkv-peft {__version__}  python {platform.python_version()}  torch {torch.__version__}  "
@@ -22,11 +23,12 @@ def run(args) -> int:
     cuda = torch.cuda.is_available()
     print(f"CUDA available: {cuda}" + (f" ({torch.cuda.get_device_name(0)})" if cuda else ""))
     for dev in (["cuda"] if cuda else []) + ["cpu"]:
-        try:
-            name, why = select_backend(torch.device(dev))
-        except RuntimeError as e:
-            name, why = "error", str(e)
-        print(f"WKV-7 path on {dev}: {name} ({why})")
+        for title, select in (("WKV-7", select_backend), ("WKV-6", select_v6)):
+            try:
+                name, why = select(torch.device(dev))
+            except RuntimeError as e:
+                name, why = "error", str(e)
+            print(f"{title} path on {dev}: {name} ({why})")
     try:
         from ..ops import wkv7_cuda
         describe = getattr(wkv7_cuda, "describe", None) or getattr(wkv7_cuda, "build_info", None)

@@ -15,9 +15,10 @@ differentiable with respect to every input, the initial state included.
 
 Paths:
 - ``wkv6_recurrent``: one step at a time; slow, obviously right; the oracle for the others.
-- ``wkv6_chunked``: the same sums regrouped in chunks; the fast path on CPU (and, for now, on GPU).
-``wkv6`` chooses between them; ``RWKV_PEFT_KERNEL=torch|cuda|auto`` is read at call time. There is no RWKV-6
-CUDA kernel in this package yet: ``cuda`` forced raises a RuntimeError, ``auto`` takes the PyTorch path.
+- ``wkv6_chunked``: the same sums regrouped in chunks; the fast path on CPU;
+- flash-linear-attention's ``chunk_rwkv6`` (``rwkv_peft.ops.fla``) on a GPU when fla imports.
+``wkv6`` chooses between them; ``RWKV_PEFT_KERNEL=torch|fla|auto`` is read at call time. There is no RWKV-6 CUDA
+kernel of ours: ``cuda`` forced raises a RuntimeError; ``auto`` on a GPU takes fla's kernel, else PyTorch.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .wkv7 import KERNEL_ENV, MAX_CHUNK_LOG_DECAY, _BACKENDS, _initial_state, _run_in_blocks, _state_dtype
+from .wkv7 import KERNEL_ENV, MAX_CHUNK_LOG_DECAY, _BACKENDS, _initial_state, _run_in_blocks, _state_dtype, fla_or_torch
 
 Tensor = torch.Tensor
 
@@ -170,13 +171,20 @@ def select_backend(device: torch.device, backend: Optional[str] = None) -> Tuple
                            f"use {KERNEL_ENV}=torch or auto (the PyTorch chunked form)")
     if choice == "torch":
         return "torch", f"forced by {KERNEL_ENV}=torch" if backend is None else "forced by backend='torch'"
-    return "torch", "no RWKV-6 CUDA kernel yet" if device.type == "cuda" else f"tensors on {device.type}"
+    if device.type != "cuda":
+        if choice == "fla":
+            raise RuntimeError(f"{KERNEL_ENV}=fla was requested but the tensors are on {device}")
+        return "torch", f"tensors on {device.type}"
+    return fla_or_torch(choice, "no RWKV-6 CUDA kernel of ours", "rwkv6")
 
 
 def wkv6(r, w, k, v, u, initial_state: Optional[Tensor] = None,
          backend: Optional[str] = None, chunk_size: int = 16) -> Tuple[Tensor, Tensor]:
     """The WKV-6 recurrence on the path ``select_backend`` picks (see the module docstring)."""
-    select_backend(r.device, backend)
+    name, _ = select_backend(r.device, backend)
+    if name == "fla":
+        from .fla import wkv6_fla
+        return wkv6_fla(r, w, k, v, u, initial_state)
     if r.shape[1] == 1:  # one token (generation): the recurrence is the cheapest form
         return wkv6_recurrent(r, w, k, v, u, initial_state)
     return wkv6_chunked(r, w, k, v, u, initial_state, chunk_size=chunk_size)

@@ -15,8 +15,9 @@ All of them are differentiable with respect to every input, the initial state in
 Paths:
 - ``wkv7_recurrent``: one step at a time; slow, obviously right; the oracle for the others.
 - ``wkv7_chunked``: the same sums regrouped in chunks (a WY-style form); the fast path on CPU.
-- the CUDA kernel (``rwkv_peft.ops.wkv7_cuda``) where it is available.
-``wkv7`` chooses between them; ``RWKV_PEFT_KERNEL=torch|cuda|auto`` (read at call time) forces a path.
+- the CUDA kernel (``rwkv_peft.ops.wkv7_cuda``) where it is available;
+- flash-linear-attention's Triton kernel (``rwkv_peft.ops.fla``) on a GPU where ours is not and fla imports.
+``wkv7`` chooses between them; ``RWKV_PEFT_KERNEL=torch|cuda|fla|auto`` (read at call time) forces a path.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ import torch
 Tensor = torch.Tensor
 
 KERNEL_ENV = "RWKV_PEFT_KERNEL"
-_BACKENDS = ("auto", "torch", "cuda")
+_BACKENDS = ("auto", "torch", "cuda", "fla")
 MAX_CHUNK_LOG_DECAY = 60.0  # above this total log-decay in a chunk the chunked form switches to pairwise exponents
 BLOCK_TOKENS = 1024  # the chunked forms run blocks of about this many tokens at a time (``_run_in_blocks``)
 
@@ -221,21 +222,32 @@ def select_backend(device: torch.device, backend: Optional[str] = None) -> Tuple
     if choice == "torch":
         return "torch", f"forced by {KERNEL_ENV}=torch" if backend is None else "forced by backend='torch'"
     if device.type != "cuda":
-        if choice == "cuda":
-            raise RuntimeError(f"{KERNEL_ENV}=cuda was requested but the tensors are on {device}")
+        if choice in ("cuda", "fla"):
+            raise RuntimeError(f"{KERNEL_ENV}={choice} was requested but the tensors are on {device}")
         return "torch", f"tensors on {device.type}"
-    try:
-        from . import wkv7_cuda
-    except ImportError as e:  # the CUDA path has not been installed with this package
+    reason = "our CUDA kernel not tried (forced fla)"
+    if choice != "fla":
+        try:
+            from . import wkv7_cuda
+            ok, reason = wkv7_cuda.is_available()
+        except ImportError as e:  # the CUDA path has not been installed with this package
+            ok, reason = False, f"CUDA kernel module missing ({e})"
+        if ok:
+            return "cuda", reason
         if choice == "cuda":
-            raise RuntimeError(f"the CUDA WKV-7 kernel is not available: {e}") from e
-        return "torch", f"CUDA kernel module missing ({e})"
-    ok, reason = wkv7_cuda.is_available()
+            raise RuntimeError(f"{KERNEL_ENV}=cuda was requested but the kernel cannot be used: {reason}")
+    return fla_or_torch(choice, reason)
+
+
+def fla_or_torch(choice: str, reason: str, version: str = "rwkv7") -> Tuple[str, str]:
+    """fla's kernel when it imports (on a GPU), else the PyTorch form; ``reason``: why our kernel is not used."""
+    from . import fla
+    ok, why = fla.available(version)
     if ok:
-        return "cuda", reason
-    if choice == "cuda":
-        raise RuntimeError(f"{KERNEL_ENV}=cuda was requested but the kernel cannot be used: {reason}")
-    return "torch", reason
+        return "fla", f"{why} ({reason})"
+    if choice == "fla":
+        raise RuntimeError(f"{KERNEL_ENV}=fla was requested but {why}")
+    return "torch", f"{reason}; {why}"
 
 
 def wkv7(r, w, k, v, a, b, initial_state: Optional[Tensor] = None,
@@ -245,6 +257,9 @@ def wkv7(r, w, k, v, a, b, initial_state: Optional[Tensor] = None,
     if name == "cuda":
         from . import wkv7_cuda
         return wkv7_cuda.wkv7_cuda(r, w, k, v, a, b, initial_state)
+    if name == "fla":
+        from .fla import wkv7_fla
+        return wkv7_fla(r, w, k, v, a, b, initial_state)
     if r.shape[1] == 1:  # one token (generation): one step of the recurrence, nothing else
         return _wkv7_step(r, w, k, v, a, b, initial_state)
     return wkv7_chunked(r, w, k, v, a, b, initial_state, chunk_size=chunk_size)
