@@ -81,8 +81,6 @@ def run(args) -> int:
         return 2
     import math
 
-    import torch
-
     from .. import methods
     from ..data import build_datasets
     from ..recipe import RecipeError, load_recipe, resolve_path
@@ -104,8 +102,7 @@ def run(args) -> int:
         target, as_adapter = which_model(args, recipe.output_dir)
         if target is False:
             return fail(as_adapter)
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        device_map = {"": device.index or 0} if device.type == "cuda" else "cpu"
+        device, device_map = placement(args)
         if target is None or as_adapter:  # the recipe's base, as the run trained on it
             model = methods.load_base_model(str(resolve_path(mcfg.path)), dtype=mcfg.dtype,
                                             quantization=mcfg.quantization, double_quant=mcfg.double_quant,
@@ -147,9 +144,15 @@ def which_model(args, out):
     return target, is_adapter_dir(target)
 
 
+def placement(args):
+    """(the device ``--device`` names, default cuda when there is one; the matching ``device_map``)."""
+    import torch
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return device, ({"": device.index or 0} if device.type == "cuda" else "cpu")
+
+
 def run_lm_eval(args) -> int:
     """``--tasks``: lm-eval tasks on the recipe's base and the fine-tuned model, one table (or ``--json``)."""
-    import torch
 
     from .. import methods
     from .. import lm_eval_support as lme
@@ -178,8 +181,7 @@ def run_lm_eval(args) -> int:
     target, as_adapter = which_model(args, recipe.output_dir)
     if target is False:
         return fail(as_adapter)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    device_map = {"": device.index or 0} if device.type == "cuda" else "cpu"
+    device, device_map = placement(args)
 
     def evaluate(model, name):
         log(f"lm-eval: {', '.join(tasks)} on {name}")
