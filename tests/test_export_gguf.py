@@ -455,3 +455,20 @@ def test_check_script_says_when_llama_cpp_python_is_missing(tmp_path):
                           text=True, cwd=str(__import__("pathlib").Path(__file__).parents[1]), timeout=120)
     assert proc.returncode == 2
     assert "llama-cpp-python is not importable" in proc.stderr and "nothing was compared" in proc.stderr
+
+
+def test_the_gguf_chat_template_writes_what_our_tokenizer_template_writes():
+    """The template in the file (which llama.cpp's chat and llama-cpp-python render) gives the same prompt as the
+    training template (rwkv_peft/tokenization/chat_templates.py), for a system turn, several turns and the
+    generation prompt. (llama-cpp-python 0.3.36's Jinja2ChatFormatter rendered this file's template identically,
+    checked by hand: docs/deploy.md.)"""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    from rwkv_peft.export_gguf import CHAT_TEMPLATE
+    from rwkv_peft.tokenization.chat_templates import CHAT_TEMPLATES
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": " Hi "},
+            {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Who are you?"}]
+    for prompt in (True, False):
+        ours = render_jinja_template([msgs], chat_template=CHAT_TEMPLATES["rwkv"], add_generation_prompt=prompt)[0]
+        gguf = render_jinja_template([msgs], chat_template=CHAT_TEMPLATE, add_generation_prompt=prompt)[0]
+        assert gguf == ours
