@@ -86,8 +86,9 @@ def test_generate_input_output_jsonl(tmp_path, capsys):
             assert capsys.readouterr().out == g["completion"] + "\n"
     assert got[-1]["completion"] and len(got[-1]["completion"]) < len(got[0]["completion"])  # 3 tokens
     # messages render as chat feeds them
-    assert main(["generate", *common, "--prompt", "Be brief.\n\nUser: Tell me about bread.\n\nAssistant:"]) == 0
+    assert main(["generate", *common, "--prompt", "System: Be brief.\n\nUser: Tell me about bread.\n\nAssistant:"]) == 0
     assert capsys.readouterr().out == got[2]["completion"] + "\n"
+
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left behind
 
 
@@ -246,3 +247,18 @@ def test_load_refuses_a_conversation_of_another_model(tmp_path, qs, monkeypatch,
         chat.load(tmp_path / "junk.safetensors")
     with pytest.raises(ConversationFileError, match="no such file"):
         chat.load(tmp_path / "missing")
+
+
+def test_generate_prompt_streams(monkeypatch):
+    """--prompt prints the completion piece by piece as it is generated (then a newline), the same text."""
+    import io
+    writes = []
+
+    class Out(io.StringIO):
+        def write(self, text):
+            writes.append(text)
+            return super().write(text)
+    out = Out()
+    monkeypatch.setattr("sys.stdout", out)
+    assert main(["generate", QS, "--temperature", "0", "--max-new-tokens", "8", "--prompt", PROMPTS[0]]) == 0
+    assert len([w for w in writes if w]) > 2 and out.getvalue().endswith("\n") and out.getvalue().strip()

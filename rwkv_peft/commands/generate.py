@@ -158,7 +158,7 @@ def stop_ids_of(tok) -> List[int]:
 
 
 def generate_batch(model, prompts: Sequence[Sequence[int]], settings: Dict, stop_ids: Sequence[int] = (0,),
-                   uncounted_ids: Sequence[int] = (), pad_id: int = 0) -> List[List[int]]:
+                   uncounted_ids: Sequence[int] = (), pad_id: int = 0, streamer=None) -> List[List[int]]:
     """The generated ids of each prompt (token ids), run as one left-padded batch; each list ends before the first
     stop token. Under greedy decoding each row is what the prompt gives alone (padding leaves the state as it
     is, and the penalties count each row's own generated tokens)."""
@@ -178,7 +178,8 @@ def generate_batch(model, prompts: Sequence[Sequence[int]], settings: Dict, stop
     with torch.no_grad():
         out = model.generate(ids.to(device), attention_mask=mask.to(device),
                              max_new_tokens=int(settings["max_new_tokens"]), pad_token_id=pad_id,
-                             eos_token_id=list(stop_ids), **generate_kwargs(procs, settings["temperature"]))
+                             eos_token_id=list(stop_ids), streamer=streamer,
+                             **generate_kwargs(procs, settings["temperature"]))
     result = []
     stops = set(int(s) for s in stop_ids)
     for row in out[:, width:].tolist():
@@ -187,9 +188,11 @@ def generate_batch(model, prompts: Sequence[Sequence[int]], settings: Dict, stop
     return result
 
 
-def generate_rows(model, tok, rows: List[Tuple[dict, str, Dict]], batch_size: int, progress=None) -> List[str]:
+def generate_rows(model, tok, rows: List[Tuple[dict, str, Dict]], batch_size: int, progress=None,
+                  stream=None) -> List[str]:
     """The completion of each (row, prompt, settings), in the rows' order. Rows with the same settings run
-    together, longest first (less padding), ``batch_size`` at a time."""
+    together, longest first (less padding), ``batch_size`` at a time. ``stream`` (a text file, one row only):
+    print the completion there as it is generated."""
     from ..sampling import uncounted_token_ids
     encoded = []
     for row, prompt, _ in rows:
@@ -205,13 +208,39 @@ def generate_rows(model, tok, rows: List[Tuple[dict, str, Dict]], batch_size: in
         members = sorted(members, key=lambda i: -len(encoded[i]))
         for start in range(0, len(members), batch_size):
             chunk = members[start:start + batch_size]
-            outs = generate_batch(model, [encoded[i] for i in chunk], rows[chunk[0]][2], stop, uncounted)
+            streamer = PrintStreamer(tok, stop, stream) if stream is not None else None
+            outs = generate_batch(model, [encoded[i] for i in chunk], rows[chunk[0]][2], stop, uncounted,
+                                  streamer=streamer)
             for i, gen in zip(chunk, outs):
                 completions[i] = tok.decode(gen, skip_special_tokens=True)
             done += len(chunk)
             if progress:
                 progress(done, len(rows))
     return completions
+
+
+class PrintStreamer:
+    """A ``generate(streamer=...)`` for one row: writes each new token's text as it comes (the prompt skipped,
+    nothing from the first stop token on), decoded incrementally, then a newline."""
+
+    def __init__(self, tok, stop_ids: Sequence[int], out):
+        from ._common import StreamDecoder
+        self.decoder, self.stops, self.out = StreamDecoder(tok, skip_special_tokens=True), set(stop_ids), out
+        self.prompt_seen = self.stopped = False
+
+    def put(self, value):
+        if not self.prompt_seen:  # generate() hands the prompt first
+            self.prompt_seen = True
+            return
+        for t in value.flatten().tolist():
+            self.stopped = self.stopped or t in self.stops
+            if not self.stopped:
+                self.out.write(self.decoder.put(t))
+                self.out.flush()
+
+    def end(self):
+        self.out.write(self.decoder.end() + "\n")
+        self.out.flush()
 
 
 def run(args) -> int:
@@ -247,8 +276,8 @@ def run(args) -> int:
                              f"{shown(in_path)}: a row's prompt gives no tokens: {prompt!r}")
     if args.seed is not None:
         torch.manual_seed(args.seed)
-    if args.input is None:
-        print(generate_rows(model, tok, rows, 1)[0])
+    if args.input is None:  # the completion, printed as it is generated
+        generate_rows(model, tok, rows, 1, stream=sys.stdout)
         return 0
 
     def progress(done, total):
