@@ -26,7 +26,7 @@ for step in "${steps[@]}"; do
   case "$step" in
     tests)
       python -m rwkv_peft.cli doctor 2>&1 | tee "$OUT/doctor.txt"
-      python -m pytest -q -m cuda tests/ops/test_wkv7_cuda.py tests/ops/test_fla.py -x 2>&1 \
+      python -m pytest -q -m cuda tests/ops/test_wkv7_cuda.py tests/ops/test_fla.py tests/models/test_packed_rows.py -x 2>&1 \
         | tee "$OUT/cuda_tests.txt" || status=1 ;;
     sanitizer)
       compute-sanitizer --tool memcheck python -m pytest -q -m cuda -k small tests/ops/test_wkv7_cuda.py \

@@ -12,7 +12,9 @@ states go back to zeros, or to the learned states when state tuning is on.
   padding neutral under the version's padding rule), runs the version's WKV op once on all of them with each
   sample's initial state, and scatters the output back. Any WKV path (PyTorch recurrent or chunked, CUDA) runs
   it unchanged, and the learned initial state's gradient sums over the samples. Only the WKV inputs are
-  regrouped; the projections run on the packed tokens.
+  regrouped; the projections run on the packed tokens. Where the op takes packed samples itself (fla's
+  ``cu_seqlens``: RWKV-7 and RWKV-6 on the fla path), the rows are flattened into one instead, with no gather
+  and no padding.
 
 A start in a row's first column resets that row's incoming state (``state=``); a row's first sample continues
 from it otherwise (a long packed row run in chunks, whose chunk begins inside a sample). The state handed back
@@ -67,6 +69,7 @@ class Segments:
         self.offset = torch.arange(B * T, device=starts.device) - first[self.seg]  # [B*T] place in the segment
         self.count, self.length = first.numel(), int(self.offset.max()) + 1      # S, L
         self.row = first // T                                                    # [S]
+        self.cu_seqlens = torch.cat([first, first.new_tensor([B * T])])           # [S + 1] over the B*T tokens
         self.continues = (first % T == 0) & ~starts.flatten()[first]            # [S] goes on from the row's state
         self.last = self.seg.view(B, T)[:, -1]                                   # [B] each row's last segment
 
@@ -90,7 +93,7 @@ class Segments:
         return torch.where(keep, row_state.to(blank.dtype)[self.row], init)
 
 
-WkvFn = Callable[[Sequence[Tensor], Optional[Tensor], Optional[Tensor]], Tuple[Tensor, Tensor]]
+WkvFn = Callable[..., Tuple[Tensor, Tensor]]  # (tensors, mask, initial_state[, cu_seqlens=]) -> (out, final)
 
 
 @dataclass
@@ -123,18 +126,26 @@ class Rows:
         return torch.where(self.first.view(-1, *([1] * b.dim())), b, state)
 
     def run_wkv(self, fn: WkvFn, tensors: Sequence[Tensor], state: Optional[Tensor], learned: Optional[Tensor],
-                zeros: Callable[[], Tensor]) -> Tuple[Tensor, Tensor]:
+                zeros: Callable[[], Tensor], varlen: bool = False) -> Tuple[Tensor, Tensor]:
         """``fn(tensors, mask, initial_state) -> (out [B, T, ...], final state [B, ...])`` on these rows, every
         sample from the version's initial state: ``learned`` (state tuning), or ``zeros()`` (its blank state).
 
         tensors: per-token ``[B, T, ...]``; ``fn`` applies the version's padding rule with ``mask`` and calls
         its WKV op. ``state``: the rows' incoming state ([B, ...]); None starts every row from the initial state.
+        ``varlen``: the op takes packed samples itself (fla's ``cu_seqlens``): the rows are flattened into one and
+        ``fn`` gets ``cu_seqlens=`` instead of the samples gathered into rows of their own.
         """
         blank = (lambda: learned) if learned is not None else zeros  # noqa: E731
         state = self.incoming(state, blank)
         if self.segments is None:
             return fn(tensors, self.mask, state if state is not None else learned)
         seg = self.segments
+        if varlen:
+            B, T = seg.shape
+            flat = [t.reshape(1, B * T, *t.shape[2:]) for t in tensors]
+            mask = self.mask.reshape(1, B * T) if self.mask is not None else None
+            out, final = fn(flat, mask, seg.initial(state, blank()), cu_seqlens=seg.cu_seqlens)
+            return out.view(B, T, *out.shape[2:]), final[seg.last]
         if self._seg_mask is None:
             real = self.mask if self.mask is not None else torch.ones(seg.shape, device=tensors[0].device)
             self._seg_mask = seg.gather(real.to(torch.float32)[..., None])[..., 0]              # [S, L]

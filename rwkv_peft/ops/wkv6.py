@@ -178,13 +178,25 @@ def select_backend(device: torch.device, backend: Optional[str] = None) -> Tuple
     return fla_or_torch(choice, "no RWKV-6 CUDA kernel of ours", "rwkv6")
 
 
+def takes_cu_seqlens(device: torch.device) -> bool:
+    """Whether ``wkv6`` on ``device`` runs packed samples itself (``cu_seqlens``: the fla path)."""
+    try:
+        return select_backend(device)[0] == "fla"
+    except RuntimeError:
+        return False
+
+
 def wkv6(r, w, k, v, u, initial_state: Optional[Tensor] = None,
-         backend: Optional[str] = None, chunk_size: int = 16) -> Tuple[Tensor, Tensor]:
-    """The WKV-6 recurrence on the path ``select_backend`` picks (see the module docstring)."""
+         backend: Optional[str] = None, chunk_size: int = 16,
+         cu_seqlens: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """The WKV-6 recurrence on the path ``select_backend`` picks (see the module docstring); ``cu_seqlens`` as
+    ``wkv7`` takes it (the fla path only)."""
     name, _ = select_backend(r.device, backend)
+    if cu_seqlens is not None and name != "fla":
+        raise ValueError(f"cu_seqlens runs on the fla path only (this call takes the {name} path)")
     if name == "fla":
         from .fla import wkv6_fla
-        return wkv6_fla(r, w, k, v, u, initial_state)
+        return wkv6_fla(r, w, k, v, u, initial_state, cu_seqlens=cu_seqlens)
     if r.shape[1] == 1:  # one token (generation): the recurrence is the cheapest form
         return wkv6_recurrent(r, w, k, v, u, initial_state)
     return wkv6_chunked(r, w, k, v, u, initial_state, chunk_size=chunk_size)

@@ -250,10 +250,26 @@ def fla_or_torch(choice: str, reason: str, version: str = "rwkv7") -> Tuple[str,
     return "torch", f"{reason}; {why}"
 
 
+def takes_cu_seqlens(device: torch.device) -> bool:
+    """Whether ``wkv7`` on ``device`` runs packed samples itself (``cu_seqlens``: the fla path)."""
+    try:
+        return select_backend(device)[0] == "fla"
+    except RuntimeError:
+        return False
+
+
 def wkv7(r, w, k, v, a, b, initial_state: Optional[Tensor] = None,
-         backend: Optional[str] = None, chunk_size: int = 16) -> Tuple[Tensor, Tensor]:
-    """The WKV-7 recurrence on the fastest path available (see the module docstring)."""
+         backend: Optional[str] = None, chunk_size: int = 16,
+         cu_seqlens: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """The WKV-7 recurrence on the fastest path available (see the module docstring). ``cu_seqlens`` (batch 1,
+    one initial state per sample): packed samples, on the path that takes them (``takes_cu_seqlens``)."""
     name, _ = select_backend(r.device, backend)
+    if cu_seqlens is not None:
+        if name != "fla":
+            raise ValueError(f"cu_seqlens runs on the fla path only (this call takes the {name} path); the models "
+                             f"run packed samples on the others by gathering them (models/rows.py)")
+        from .fla import wkv7_fla
+        return wkv7_fla(r, w, k, v, a, b, initial_state, cu_seqlens=cu_seqlens)
     if name == "cuda":
         from . import wkv7_cuda
         return wkv7_cuda.wkv7_cuda(r, w, k, v, a, b, initial_state)

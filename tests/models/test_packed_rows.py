@@ -173,3 +173,31 @@ def test_trl_sft_trainer_runs_padding_free(tmp_path):
     model.forward = spy
     trainer.train()
     assert seen and all(p is not None and p.shape[0] == 1 and int((p == 0).sum()) == 4 for p in seen)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name, kernel", [("rwkv7", "cuda"), ("rwkv7", "fla"), ("rwkv6", "fla")])
+def test_packed_rows_on_each_gpu_path(name, kernel, tmp_path, monkeypatch):
+    """On a GPU, with the WKV path forced (our kernel, fla): packed logits equal each sample alone, and the
+    learned states' gradients equal the sum over the samples (fp32, kernel tolerance)."""
+    if kernel == "fla":
+        pytest.importorskip("fla")
+    monkeypatch.setenv("RWKV_PEFT_KERNEL", kernel)
+    model = _model(name, tmp_path, True).cuda().train()
+    samples, ids, pos, mask = _packed(LENGTHS, seed=6)
+    ids, pos, mask = ids.cuda(), pos.cuda(), mask.cuda()
+    weights = torch.randn(*ids.shape, 61, generator=torch.Generator().manual_seed(7)).cuda()
+    packed_logits = model(input_ids=ids, position_ids=pos, attention_mask=mask).logits
+    model.zero_grad()
+    (packed_logits * weights * mask[..., None]).sum().backward()
+    packed = {n: p.grad.clone() for n, p in model.named_parameters() if n.endswith(("time_state", "shift_state"))}
+    model.zero_grad()
+    total = 0
+    for b, t, s in samples:
+        alone = model(input_ids=s[None].cuda()).logits[0]
+        assert (packed_logits[b, t:t + len(s)] - alone).abs().max() <= 1e-3 * alone.abs().max(), (b, t)
+        total = total + (alone * weights[b, t:t + len(s)]).sum()
+    total.backward()
+    for n, p in model.named_parameters():
+        if n in packed:
+            assert (packed[n] - p.grad).abs().max() <= 1e-3 * p.grad.abs().max() + 1e-6, n

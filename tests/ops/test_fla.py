@@ -167,3 +167,36 @@ def test_real_fla_matches_the_reference_on_the_gpu():
     o1, S1 = fla_path.wkv6_fla(r, w, k, v, u, initial_state=s0)
     o2, S2 = wkv6_recurrent(r, w, k, v, u, initial_state=s0)
     assert (o1 - o2).abs().max() <= 1e-3 * o2.abs().max() and (S1 - S2).abs().max() <= 1e-3 * S2.abs().max()
+
+
+@pytest.mark.parametrize("name", ["rwkv7", "rwkv6"])
+def test_packed_rows_go_through_cu_seqlens_on_the_fla_path(stand_in, monkeypatch, tmp_path, name):
+    """With fla as the path, a model's packed rows run as one flattened row with ``cu_seqlens`` (no per-sample
+    gather): logits equal each sample alone, and the learned states' gradients the sum over the samples."""
+    from tests.models.test_packed_rows import LENGTHS, _model, _packed
+    calls = []
+    for mod in (wkv7_mod, wkv6_mod):
+        monkeypatch.setattr(mod, "select_backend", lambda device, backend=None: ("fla", "stand-in"))
+    original = _stand_in_rwkv7 if name == "rwkv7" else _stand_in_rwkv6
+
+    def spy(*a, **kw):
+        calls.append(kw.get("cu_seqlens"))
+        return original(*a, **kw)
+    setattr(stand_in["fla.ops." + name], "chunk_" + name, spy)
+    model = _model(name, tmp_path, True).double().train()
+    samples, ids, pos, mask = _packed(LENGTHS, seed=8)
+    packed = model(input_ids=ids, position_ids=pos, attention_mask=mask).logits
+    assert any(c is not None and c.numel() == len(samples) + 1 for c in calls)  # 6 samples, one flattened row
+    weights = torch.randn(*packed.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    model.zero_grad()
+    (packed * weights * mask[..., None]).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if n.endswith(("time_state", "shift_state"))}
+    model.zero_grad()
+    total = 0
+    for b, t, s in samples:
+        alone = model(input_ids=s[None]).logits[0]
+        assert torch.allclose(packed[b, t:t + len(s)], alone, atol=1e-8), (b, t)
+        total = total + (alone * weights[b, t:t + len(s)]).sum()
+    total.backward()
+    for n, g in grads.items():
+        assert torch.allclose(g, dict(model.named_parameters())[n].grad, atol=1e-7), n

@@ -25,7 +25,7 @@ from torch import nn
 from transformers import initialization as init
 from transformers import PreTrainedModel
 
-from ...ops.wkv6 import wkv6
+from ...ops.wkv6 import takes_cu_seqlens, wkv6
 from ..common import (
     INITIAL_STATE_KEYS, LowRank, MatrixStateMixin, RWKVBlock, RWKVCausalLMOutput, RWKVGenerationMixin,
     RWKVModelMixin, RWKVOutput, init_initial_states, init_shared_weights, initial_shift, token_shift,
@@ -98,15 +98,16 @@ class RWKV6TimeMix(MatrixStateMixin, nn.Module):
         heads = lambda t: t.reshape(B, T, H, N)  # noqa: E731
         u = self.time_faaaa
 
-        def run(tensors, mask, initial_state):  # padding (mask 0) leaves the state untouched: no write, no decay
+        def run(tensors, mask, initial_state, cu_seqlens=None):  # padding (mask 0): no write, no decay
             r, w, k, v = tensors
             if mask is not None:
                 m = mask.to(k.dtype)[..., None, None]
                 k, v, w = k * m, v * m, torch.where(m.bool(), w, 0.0)
-            return wkv6(r, w, k, v, u, initial_state=initial_state)
+            return wkv6(r, w, k, v, u, initial_state=initial_state, cu_seqlens=cu_seqlens)
 
-        o, wkv_out = (rows or Rows()).run_wkv(run, (heads(r), heads(w), heads(k), heads(v)), wkv_state,
-                                              self.initial_wkv(), self.blank_wkv)
+        rows = rows or Rows()
+        o, wkv_out = rows.run_wkv(run, (heads(r), heads(w), heads(k), heads(v)), wkv_state, self.initial_wkv(),
+                                  self.blank_wkv, rows.segments is not None and takes_cu_seqlens(x.device))
         o = self.ln_x(o.reshape(B * T, C)).view(B, T, C)
         return self.output(o * g), carry, shift_out, wkv_out
 

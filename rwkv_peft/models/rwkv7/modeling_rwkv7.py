@@ -21,7 +21,7 @@ from torch import nn
 from transformers import initialization as init
 from transformers import PreTrainedModel
 
-from ...ops.wkv7 import wkv7
+from ...ops.wkv7 import takes_cu_seqlens, wkv7
 from ..common import (
     LowRank, RWKVBlock, RWKVCausalLMOutput, RWKVGenerationMixin, RWKVModelMixin, RWKVOutput, init_shared_weights,
     INITIAL_STATE_KEYS, init_initial_states, initial_shift, token_shift,
@@ -83,22 +83,23 @@ class RWKV7TimeMix(nn.Module):
 
         heads = lambda t: t.reshape(B, T, H, N)  # noqa: E731
         rows = rows or Rows()
+        varlen = rows.segments is not None and takes_cu_seqlens(x.device)
         o, wkv_out = rows.run_wkv(_wkv, (heads(r), heads(w), heads(k), heads(v), kk, heads(a)), wkv_state,
-                                  self.time_state, self.blank_wkv)
+                                  self.time_state, self.blank_wkv, varlen)
         o = self.ln_x(o.reshape(B * T, C)).view(B, T, C)
         bonus = (heads(r) * heads(k) * self.r_k).sum(dim=-1, keepdim=True) * heads(v)  # [B, T, H, N]
         o = o + bonus.reshape(B, T, C)
         return self.output(o * g), v_first, shift_out, wkv_out
 
 
-def _wkv(tensors, mask, initial_state):
+def _wkv(tensors, mask, initial_state, cu_seqlens=None):
     """The WKV-7 op on ``r, w, k, v, kk, a`` [B, T, H, N]; padding (``mask`` 0) leaves the state untouched: no
     write, no decay, no delta. w stays fp32 (a bf16 log-decay compounds its rounding over the sequence)."""
     r, w, k, v, kk, a = tensors
     if mask is not None:
         m = mask.to(k.dtype)[..., None, None]
         k, v, w, kk = k * m, v * m, w * m.float(), kk * m
-    return wkv7(r, w, k, v, -kk, kk * a, initial_state=initial_state)
+    return wkv7(r, w, k, v, -kk, kk * a, initial_state=initial_state, cu_seqlens=cu_seqlens)
 
 
 class HostEmbedding(nn.Embedding):
