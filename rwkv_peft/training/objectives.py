@@ -507,7 +507,8 @@ def train_objective(recipe: Recipe, *, tokenizer=None, progress: Optional[bool] 
     if resume_from is not None:
         resume_state(recipe, trainer, run_cb, resume_from, say)
     seconds = run_trainer(trainer, run_cb, resume_from, out, logger, say)
-    return finish(recipe, trainer, run_cb, tokenizer, logger, say, seconds, TrainResult)
+    with quiet_trainer_warnings():  # the final evaluation runs TRL's reference pass too
+        return finish(recipe, trainer, run_cb, tokenizer, logger, say, seconds, TrainResult)
 
 
 def resume_state(recipe: Recipe, trainer, run_cb, folder: Path, say) -> None:
