@@ -11,7 +11,10 @@ deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]
 for name in ("transformers", "peft", "accelerate"):
     spec = next(d for d in deps if re.match(rf"{name}\b", d))
     low = re.search(r">=\s*([\w.]+)", spec).group(1)
-    print(f"{name}=={low}")
+    # transformers' hub-kernels extra: the `kernels` release that this transformers was written against (the main
+    # install's newer transformers pulls a newer `kernels`, which transformers 5.0 cannot import)
+    extra = "[hub-kernels]" if name == "transformers" else ""
+    print(f"{name}{extra}=={low}")
 PY
 )
 python -m venv --system-site-packages .venv-lowest
