@@ -1,20 +1,31 @@
 #!/usr/bin/env python
-"""Forward throughput on CPU: rwkv-peft's RWKV-7 against the official ``rwkv`` package, same random checkpoint.
+"""Forward and decode throughput on the CPU: rwkv-peft's RWKV-7 against the official ``rwkv`` package, same
+random checkpoint.
 
-Measures, in fp32 on CPU, tokens/s of (a) one forward pass over a sequence (prefill / training-style) and (b)
-token-by-token decoding with the state carried: for both, a loop of ``forward`` calls on one token (like with
-like); for ours also (c) ``generate()`` (greedy, ``--steps`` new tokens, EOS off), which adds transformers'
-per-step work. The official package runs in a subprocess (it chooses its architecture from environment
-variables at import) that stays up: the rounds alternate, ours then official, ``--repeats`` times, and the
-medians are reported, so load from other processes hits both alike. Also times the head's matrix-vector product
-alone in both weight layouts (``nn.Linear``'s [V, C] and the official [C, V]): at V = 65536 it is most of a
-decode step's memory traffic. Prints a table and writes JSON.
+Measures tokens/s of (a) one forward pass over a sequence (prefill / training-style) and (b) token-by-token
+decoding with the state carried (a loop of ``forward`` calls on one token: like with like); for ours also
+(c) ``generate()`` (greedy, ``--steps`` new tokens, EOS off), which adds transformers' per-step work.
 
-    python scripts/bench_forward.py --width 512 --layers 6 --seq 512 --json bench_forward.json
+Ours runs as ``from_pretrained`` loads it (float32, ``nn.Linear`` layout) and as ``chat`` / ``generate`` load it
+with each ``--cpu-weights`` (``methods.prepare_for_cpu_decoding``: fp32 relaid, fp16, int8). The official
+package runs ``cpu fp32`` and, with ``--official-bf16``, ``cpu bf16`` (its only other CPU mode for RWKV-7). Each
+reduced-precision run also reports its decode error against its own package's float32 decode of the same tokens:
+relative RMS error of the logits, mean KL divergence of the next-token distributions, and how often the top token
+agrees.
+
+The official package runs in a subprocess (it chooses its architecture from environment variables at import)
+that stays up: the rounds alternate, ours then official, ``--repeats`` times, and the medians are reported, so
+load from other processes hits both alike. Also times the head's matrix-vector product alone in both weight
+layouts (``nn.Linear``'s [V, C] and the official [C, V]) and the "matvec floor" (every Linear weight multiplied
+once in the official layout, nothing else: what a float32 decode step cannot go below). Prints a table and
+writes JSON.
+
+    python scripts/bench_forward.py --threads 1 --official-bf16 --json bench_forward.json
 """
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import platform
@@ -30,24 +41,95 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-OFFICIAL = r'''
-import json, sys, time, statistics, torch
+# the official package's side; quality() is shared with ours (the subprocess gets this file's helpers as text)
+QUALITY = r'''
+def quality(logits, ref):
+    """logits, ref: [steps, V] decode logits -> relative RMS error, mean KL(ref || logits), top-token agreement"""
+    import torch.nn.functional as F
+    logits, ref = logits.double(), ref.double()
+    kl = F.kl_div(logits.log_softmax(-1), ref.log_softmax(-1), log_target=True, reduction="batchmean")
+    return {"rel_rms": float((logits - ref).norm() / ref.norm()), "kl": float(kl),
+            "top1_agree": float((logits.argmax(-1) == ref.argmax(-1)).double().mean())}
+'''
+exec(QUALITY)  # defines quality() here too
+
+OFFICIAL = QUALITY + r'''
+import json, sys, time, torch
 args = json.loads(sys.argv[1])
 torch.set_num_threads(args["threads"])
 from rwkv.model import RWKV
-m = RWKV(model=args["model"][:-4], strategy="cpu fp32")
+models = {s: RWKV(model=args["model"][:-4], strategy=s) for s in args["strategies"]}
 toks = args["tokens"]
+
+def decode(m):
+    state, out = None, []
+    for t in toks[: args["steps"]]:
+        logits, state = m.forward([t], state)
+        out.append(logits.float())
+    return torch.stack(out)
+
 with torch.no_grad():
-    m.forward(toks[:8], None, full_output=True)
-    print("ready", flush=True)
-    for line in sys.stdin:  # one round per line: one forward pass, one decode loop
-        t0 = time.perf_counter(); m.forward(toks, None, full_output=True); seq = time.perf_counter() - t0
-        state = None
-        t0 = time.perf_counter()
-        for t in toks[: args["steps"]]:
-            _, state = m.forward([t], state)
-        print(json.dumps({"seq_s": seq, "step_s": time.perf_counter() - t0}), flush=True)
+    ref = decode(models["cpu fp32"])
+    print(json.dumps({s: quality(decode(m), ref) for s, m in models.items() if s != "cpu fp32"}), flush=True)
+    for line in sys.stdin:  # one round per line: one forward pass (fp32), one decode loop per strategy
+        t0 = time.perf_counter(); models["cpu fp32"].forward(toks, None, full_output=True)
+        r = {"seq_s": time.perf_counter() - t0}
+        for s, m in models.items():
+            t0 = time.perf_counter(); decode(m); r[f"step_s {s}"] = time.perf_counter() - t0
+        print(json.dumps(r), flush=True)
 '''
+
+
+def timed(fn, n: int = 1) -> float:
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - t0) / n
+
+
+def decode(model, tokens):
+    """[steps, V] logits of decoding ``tokens`` one at a time, the state carried."""
+    state, out = None, []
+    for t in tokens:
+        o = model(torch.tensor([[t]]), state=state, use_cache=True)
+        state = o.state
+        out.append(o.logits[0, -1])
+    return torch.stack(out)
+
+
+def start_official(pth: Path, tokens, args):
+    """The official package's process, ready for rounds, and its reduced-precision errors."""
+    strategies = ["cpu fp32"] + (["cpu bf16"] if args.official_bf16 else [])
+    env = {**os.environ, "RWKV_V7_ON": "1", "RWKV_CUDA_ON": "0", "RWKV_JIT_ON": "1"}
+    req = json.dumps({"model": str(pth), "tokens": tokens, "steps": args.steps, "threads": args.threads,
+                      "strategies": strategies})
+    proc = subprocess.Popen([sys.executable, "-c", OFFICIAL, req], env=env, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    for line in proc.stdout:  # it prints what it loads first
+        if line.startswith("{"):
+            return proc, strategies, json.loads(line)
+    raise RuntimeError("the official rwkv package failed to load the checkpoint")
+
+
+def matvec_floor(model):
+    """A function doing every nn.Linear's matrix-vector product once in the official [in, out] layout, and the MB
+    of weights it reads."""
+    weights = [m.weight.detach().t().contiguous() for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    inputs = [torch.randn(1, w.shape[0]) for w in weights]
+
+    def floor():
+        for xi, wi in zip(inputs, weights):
+            xi @ wi
+    return floor, len(weights), sum(w.numel() * w.element_size() for w in weights) / 1e6
+
+
+def load_models(hf: Path, weights_kinds):
+    """(the model as from_pretrained loads it, {cpu-weights kind: the model as chat / generate load it})."""
+    from transformers import AutoModelForCausalLM
+
+    from rwkv_peft.methods import prepare_for_cpu_decoding
+    load = lambda: AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()  # noqa: E731
+    return load(), {kind: prepare_for_cpu_decoding(load(), kind) for kind in weights_kinds}
 
 
 def main():
@@ -59,14 +141,12 @@ def main():
     p.add_argument("--steps", type=int, default=64, help="tokens decoded one at a time")
     p.add_argument("--repeats", type=int, default=5, help="alternating rounds (ours, official); medians reported")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--cpu-weights", nargs="+", default=["fp32", "fp16", "int8"], choices=["fp32", "fp16", "int8"],
+                   help="ours as chat / generate load it with these --cpu-weights")
+    p.add_argument("--official-bf16", action="store_true", help="also the official package's 'cpu bf16'")
     p.add_argument("--json", type=Path, help="write the results here")
-    p.add_argument("--layouts", action="store_true",
-                   help="also decode with only the head's weight stored transposed, [in, out] in memory (chat / "
-                        "generate store every Linear weight so: relayout_for_cpu_decoding, always measured)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-
-    from transformers import AutoModelForCausalLM
 
     import rwkv_peft  # noqa: F401
     from rwkv_peft.convert import convert
@@ -76,110 +156,78 @@ def main():
     pth = tmp / "bench.pth"
     torch.save(make_blinkdl_v7(args.vocab, args.width, args.layers, seed=0), pth)
     convert(pth, tmp / "hf")
-    model = AutoModelForCausalLM.from_pretrained(tmp / "hf", dtype=torch.float32).eval()
+    model, chat_models = load_models(tmp / "hf", args.cpu_weights)
     tokens = torch.randint(0, args.vocab, (args.seq,), generator=torch.Generator().manual_seed(0)).tolist()
-
-    env = {**os.environ, "RWKV_V7_ON": "1", "RWKV_CUDA_ON": "0", "RWKV_JIT_ON": "1"}
-    req = json.dumps({"model": str(pth), "tokens": tokens, "steps": args.steps, "threads": args.threads})
-    official_proc = subprocess.Popen([sys.executable, "-c", OFFICIAL, req], env=env, stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True)
-    while official_proc.stdout.readline().strip() != "ready":
-        if official_proc.poll() is not None:
-            raise RuntimeError("the official rwkv package failed to load the checkpoint")
+    official, strategies, official_quality = start_official(pth, tokens, args)
 
     x = torch.tensor([tokens])
+    steps = tokens[: args.steps]
     model.generation_config.eos_token_id = None  # generate() decodes exactly --steps tokens
     model.generation_config.pad_token_id = 0
     W = model.head.weight.detach()
-    W_official = W.t().contiguous()  # the official package's head layout [C, V]
-    h = torch.randn(1, args.width)
-    # every weight a decode step reads from memory (all nn.Linear: the head and the layers), in the official layout
-    floor_weights = [mod.weight.detach().t().contiguous() for mod in model.modules()
-                     if isinstance(mod, torch.nn.Linear)]
-    floor_inputs = [torch.randn(1, w.shape[0]) for w in floor_weights]
-    floor_mb = sum(w.numel() * w.element_size() for w in floor_weights) / 1e6
-
-    def floor():
-        for xi, wi in zip(floor_inputs, floor_weights):
-            xi @ wi
-
-    def timed(fn, n=1):
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        return (time.perf_counter() - t0) / n
-
-    def decode_loop(m=model):
-        state = None
-        for t in tokens[: args.steps]:
-            state = m(torch.tensor([[t]]), state=state, use_cache=True).state
-
-    from rwkv_peft.methods import relayout_for_cpu_decoding
-    relaid = {}
-    chat_model = AutoModelForCausalLM.from_pretrained(tmp / "hf", dtype=torch.float32).eval()
-    relayout_for_cpu_decoding(chat_model)  # as `rwkv-peft chat` / `generate` load a model on the CPU
-    relaid["chat"] = chat_model
-    if args.layouts:  # the head alone stored [in, out]
-        m = AutoModelForCausalLM.from_pretrained(tmp / "hf", dtype=torch.float32).eval()
-        m.head.weight.data = m.head.weight.data.t().contiguous().t()
-        relaid["head"] = m
+    W_official, h = W.t().contiguous(), torch.randn(1, args.width)  # the official package's head layout [C, V]
+    floor, n_floor, floor_mb = matvec_floor(model)
 
     def ours_round():
-        return {"seq_s": timed(lambda: model(x, use_cache=True)), "step_s": timed(decode_loop),
-                "generate_s": timed(lambda: model.generate(x[:, :1], max_new_tokens=args.steps, do_sample=False)),
-                "head_linear_s": timed(lambda: torch.nn.functional.linear(h, W), 8),
-                "head_official_s": timed(lambda: h @ W_official, 8),
-                "matvec_floor_s": timed(floor, 4),
-                **{f"step_{name}_layout_s": timed(lambda: decode_loop(m)) for name, m in relaid.items()}}
+        r = {"seq_s": timed(lambda: model(x, use_cache=True)), "step_s": timed(lambda: decode(model, steps)),
+             "generate_s": timed(lambda: model.generate(x[:, :1], max_new_tokens=args.steps, do_sample=False)),
+             "head_linear_s": timed(lambda: torch.nn.functional.linear(h, W), 8),
+             "head_official_s": timed(lambda: h @ W_official, 8), "matvec_floor_s": timed(floor, 4)}
+        for kind, m in chat_models.items():
+            r[f"seq_s {kind}"] = timed(lambda: m(x, use_cache=True))
+            r[f"step_s {kind}"] = timed(lambda: decode(m, steps))
+        return r
 
-    ours_runs, official_runs = [], []
     with torch.no_grad():
-        model(x[:, :8])
-        model.generate(x[:, :1], max_new_tokens=2, do_sample=False)
+        ref = decode(model, steps)
+        ours_quality = {kind: quality(decode(m, steps), ref) for kind, m in chat_models.items()}
+        model.generate(x[:, :1], max_new_tokens=2, do_sample=False)  # warm-up
+        ours_runs, official_runs = [], []
         for _ in range(args.repeats):
             ours_runs.append(ours_round())
-            official_proc.stdin.write("go\n")
-            official_proc.stdin.flush()
-            official_runs.append(json.loads(official_proc.stdout.readline()))
-    official_proc.stdin.close()
-    official_proc.wait()
+            official.stdin.write("go\n")
+            official.stdin.flush()
+            official_runs.append(json.loads(official.stdout.readline()))
+    official.stdin.close()
+    official.wait()
     med = lambda runs: {k: statistics.median(r[k] for r in runs) for k in runs[0]}  # noqa: E731
-    ours, official = med(ours_runs), med(official_runs)
-
-    rows = []
-    for name, r in (("rwkv-peft", ours), ("official rwkv 0.8.32", official)):
-        rows.append({"impl": name, "seq_tokens_per_s": args.seq / r["seq_s"],
-                     "step_tokens_per_s": args.steps / r["step_s"],
-                     "generate_tokens_per_s": args.steps / r["generate_s"] if "generate_s" in r else None})
-    head_mb = W.numel() * W.element_size() / 1e6
-    print(f"RWKV-7 L{args.layers} C{args.width} V{args.vocab}, fp32, CPU ({platform.processor() or platform.machine()}, "
-          f"{args.threads} threads), seq {args.seq}, decode {args.steps} tokens, median of {args.repeats} "
-          f"alternating rounds")
-    print(f"{'implementation':<24}{'forward tok/s':>16}{'decode tok/s':>16}{'generate tok/s':>16}")
-    for r in rows:
-        gen = f"{r['generate_tokens_per_s']:>16.1f}" if r["generate_tokens_per_s"] else f"{'-':>16}"
-        print(f"{r['impl']:<24}{r['seq_tokens_per_s']:>16.1f}{r['step_tokens_per_s']:>16.1f}{gen}")
-    print(f"ratio (ours / official): forward {rows[0]['seq_tokens_per_s'] / rows[1]['seq_tokens_per_s']:.2f}x, "
-          f"decode {rows[0]['step_tokens_per_s'] / rows[1]['step_tokens_per_s']:.2f}x (forward loop), "
-          f"{rows[0]['generate_tokens_per_s'] / rows[1]['step_tokens_per_s']:.2f}x (our generate)")
-    for name, what in (("chat", "as chat / generate load it (relayout_for_cpu_decoding: every Linear [in, out])"),
-                       ("head", "with only the head's weight stored [in, out]")):
-        if name in relaid:
-            print(f"decode {what}: {args.steps / ours[f'step_{name}_layout_s']:.1f} tok/s "
-                  f"({official['step_s'] / ours[f'step_{name}_layout_s']:.2f}x official)")
-    print(f"head matvec alone ({head_mb:.0f} MB fp32): nn.Linear layout [V, C] {ours['head_linear_s'] * 1e3:.2f} ms "
-          f"({head_mb / 1e3 / ours['head_linear_s']:.1f} GB/s), official layout [C, V] "
-          f"{ours['head_official_s'] * 1e3:.2f} ms ({head_mb / 1e3 / ours['head_official_s']:.1f} GB/s)")
-    print(f"matvec floor: the {len(floor_weights)} Linear weights ({floor_mb:.0f} MB) one after another, official "
-          f"layout, nothing else: {ours['matvec_floor_s'] * 1e3:.2f} ms/token = {1 / ours['matvec_floor_s']:.1f} tok/s "
-          f"({official['step_s'] / args.steps / ours['matvec_floor_s']:.2f}x official's decode)")
+    ours, off = med(ours_runs), med(official_runs)
+    rows = report(args, ours, off, strategies, ours_quality, official_quality, n_floor, floor_mb, W)
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": rows,
-                                         "head_matvec_s": {"linear": ours["head_linear_s"],
-                                                           "official_layout": ours["head_official_s"]},
-                                         "matvec_floor_s": ours["matvec_floor_s"], "matvec_floor_mb": floor_mb,
                                          "rounds": {"ours": ours_runs, "official": official_runs},
-                                         "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}, indent=2))
+                                         "matvec_floor_mb": floor_mb, "torch": torch.__version__,
+                                         "date": time.strftime("%Y-%m-%d")}, indent=2))
+
+
+def report(args, ours, off, strategies, ours_quality, official_quality, n_floor, floor_mb, W):
+    """Print the table; return its rows."""
+    rows = [{"impl": "rwkv-peft, as from_pretrained loads it", "forward": args.seq / ours["seq_s"],
+             "decode": args.steps / ours["step_s"], "generate": args.steps / ours["generate_s"]}]
+    rows += [{"impl": f"rwkv-peft, chat / generate --cpu-weights {kind}", "forward": args.seq / ours[f"seq_s {kind}"],
+              "decode": args.steps / ours[f"step_s {kind}"], **ours_quality[kind]}
+             for kind in args.cpu_weights]
+    official = f"official rwkv {importlib.metadata.version('rwkv')}"
+    rows += [{"impl": f"{official} '{s}'", "forward": args.seq / off["seq_s"] if s == "cpu fp32" else None,
+              "decode": args.steps / off[f"step_s {s}"], **official_quality.get(s, {})} for s in strategies]
+    base = next(r for r in rows if r["impl"].endswith("'cpu fp32'"))
+    print(f"RWKV-7 L{args.layers} C{args.width} V{args.vocab}, CPU ({platform.processor() or platform.machine()}, "
+          f"{args.threads} threads), seq {args.seq}, decode {args.steps} tokens, median of {args.repeats} "
+          f"alternating rounds; ratios against the official 'cpu fp32'; errors against the same package's fp32")
+    print(f"{'implementation':<46}{'forward tok/s':>14}{'decode tok/s':>13}{'ratio':>7}{'rel-rms':>9}{'KL':>9}"
+          f"{'top-1':>7}")
+    for r in rows:
+        fwd = f"{r['forward']:>9.1f} {r['forward'] / base['forward']:.2f}x" if r["forward"] else f"{'-':>14}"
+        err = (f"{r['rel_rms']:>9.1e}{r['kl']:>9.1e}{r['top1_agree']:>7.2f}" if "kl" in r else "")
+        print(f"{r['impl']:<46}{fwd:>14}{r['decode']:>13.1f}{r['decode'] / base['decode']:>6.2f}x{err}")
+    print(f"generate() of the model as loaded: {rows[0]['generate']:.1f} tok/s")
+    head_mb = W.numel() * W.element_size() / 1e6
+    print(f"head matvec alone ({head_mb:.0f} MB fp32): nn.Linear layout [V, C] {ours['head_linear_s'] * 1e3:.2f} ms, "
+          f"official layout [C, V] {ours['head_official_s'] * 1e3:.2f} ms")
+    print(f"fp32 matvec floor: the {n_floor} Linear weights ({floor_mb:.0f} MB) one after another, official layout, "
+          f"nothing else: {ours['matvec_floor_s'] * 1e3:.2f} ms/token = {1 / ours['matvec_floor_s']:.1f} tok/s "
+          f"({1 / ours['matvec_floor_s'] / base['decode']:.2f}x the official fp32 decode)")
+    return rows
 
 
 if __name__ == "__main__":

@@ -199,8 +199,18 @@ def load_tokenizer_for(model_path: Optional[Path], adapter_path: Optional[Path] 
     return tok
 
 
+def add_placement_arguments(p) -> None:
+    """--dtype, --device and --cpu-weights: where and how ``chat`` / ``generate`` hold the model."""
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when there is one)")
+    p.add_argument("--cpu-weights", default="fp32", choices=["fp32", "fp16", "int8"],
+                   help="on the CPU, how the big projections and the head are stored: fp32 (exact), fp16 (error "
+                        "about 1e-3) or int8 (1.6-1.9x the decode speed of fp32, an error like the official "
+                        "package's bf16 mode); fp16 / int8 need an x86 CPU (docs/benchmarks.md)")
+
+
 def load_for_inference(model_path=None, adapter=None, tokenizer=None, dtype="float32", device="cpu",
-                       state=None):
+                       state=None, cpu_weights="fp32"):
     """(model, tokenizer) ready for generation; shared by ``generate`` and ``chat``.
 
     ``model_path`` and ``adapter`` are path specs (``assets:...``, ``~``); without ``model_path`` the adapter's
@@ -231,8 +241,10 @@ def load_for_inference(model_path=None, adapter=None, tokenizer=None, dtype="flo
         except (ValueError, FileNotFoundError, CheckpointError) as e:
             raise UsageError(f"--state {state!r}: {e}") from None
     model = model.to(device).eval()
-    if torch.device(device).type == "cpu":  # decoding reads every weight per token: the layout MKL reads fastest
-        methods.relayout_for_cpu_decoding(model)
+    if torch.device(device).type == "cpu":  # decoding reads every weight per token: fewer bytes, faster layout
+        model = methods.prepare_for_cpu_decoding(model, cpu_weights)
+    elif cpu_weights != "fp32":
+        raise UsageError(f"--cpu-weights {cpu_weights}: for decoding on the CPU, but the device is {device}")
     cfg = getattr(model, "config", None)
     tok = load_tokenizer_for(base, adapter_path, tokenizer, getattr(cfg, "vocab_size", None))
     return model, tok

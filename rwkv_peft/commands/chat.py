@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Dict, List
 
-from ._common import MODEL_OPTIONAL_HELP, StreamDecoder, UsageError, shown
+from ._common import MODEL_OPTIONAL_HELP, StreamDecoder, UsageError, add_placement_arguments, shown
 
 HELP = "chat in the terminal; the RNN state carries the conversation (a persona state or adapter sets who speaks)"
 
@@ -68,8 +68,7 @@ def add_arguments(p):
     p.add_argument("--no-think", dest="think", action="store_false",
                    help="g1: open an empty think block (the 'fake think' prompt), so the model answers at once")
     add_sampling_arguments(p, temperature=1.0, top_p=0.5, top_k=0, max_new_tokens=300)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when there is one)")
+    add_placement_arguments(p)
 
 
 # ---- the template ---------------------------------------------------------------------------------------------
@@ -401,7 +400,8 @@ def run(args) -> int:
         resolve_base(None, None)  # raises the "no model given" error
     settings_of(args)  # the sampling options' ranges, before the model loads
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tok = load_for_inference(args.model, args.adapter, args.tokenizer, args.dtype, device, state=args.state)
+    model, tok = load_for_inference(args.model, args.adapter, args.tokenizer, args.dtype, device, state=args.state,
+                                    cpu_weights=args.cpu_weights)
     gen = torch.Generator(device=device).manual_seed(args.seed) if args.seed is not None else None
     chat = Conversation(model, tok, args.user, args.assistant, template=args.template, think=args.think)
     if args.system:

@@ -6,7 +6,9 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from ._common import MODEL_OPTIONAL_HELP, UsageError, check_output, load_for_inference, shown  # noqa: F401
+from ._common import (  # noqa: F401
+    MODEL_OPTIONAL_HELP, UsageError, add_placement_arguments, check_output, load_for_inference, shown,
+)
 
 HELP = "generate text from a model (.pth, folder or assets:NAME), optionally with an adapter folder or a state file"
 
@@ -69,8 +71,7 @@ def add_arguments(p):
     p.add_argument("--tokenizer", help="'world' or a tokenizer folder (default: the adapter's, else the model "
                                        "folder's, else the World tokenizer)")
     add_sampling_arguments(p)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when there is one)")
+    add_placement_arguments(p)
 
 
 def settings_of(args) -> Dict[str, float]:
@@ -269,7 +270,8 @@ def run(args) -> int:
         if not prompt:
             raise UsageError("--prompt is empty")
         rows = [({}, prompt, defaults)]
-    model, tok = load_for_inference(args.model, args.adapter, args.tokenizer, args.dtype, device, state=args.state)
+    model, tok = load_for_inference(args.model, args.adapter, args.tokenizer, args.dtype, device, state=args.state,
+                                    cpu_weights=args.cpu_weights)
     for row, prompt, _ in rows:
         if not tok(prompt).input_ids:
             raise UsageError("the prompt gives no tokens" if args.input is None else

@@ -20,7 +20,10 @@ from .adapter_io import (
     MANIFEST, AdapterMismatchError, base_sizes, check_adapter_fits, load_adapter, read_manifest, save_adapter,
     trainable_summary,
 )
-from .loading import KEEP_HIGH_PRECISION, bnb_config, is_quantized, load_base_model, load_info, relayout_for_cpu_decoding
+from .cpu_decoding import (
+    CPU_WEIGHTS, CPUDecodingError, PackedLinear, packed_summary, prepare_for_cpu_decoding, relayout_for_cpu_decoding,
+)
+from .loading import KEEP_HIGH_PRECISION, bnb_config, is_quantized, load_base_model, load_info
 from .lora import TARGET_PRESETS, apply_lora, lora_config, resolve_targets
 from .miss import MissFitError, apply_miss, miss_config
 
@@ -29,5 +32,5 @@ __all__ = [
     "export_state_pth", "load_state_pth", "load_state_any", "get_states", "set_states", "combine_states",
     "AdapterMismatchError", "MANIFEST", "TARGET_PRESETS", "KEEP_HIGH_PRECISION", "bnb_config", "is_quantized",
     "load_info", "relayout_for_cpu_decoding", "lora_config", "resolve_targets", "base_sizes", "check_adapter_fits",
-    "read_manifest",
+    "read_manifest", "CPU_WEIGHTS", "CPUDecodingError", "PackedLinear", "packed_summary", "prepare_for_cpu_decoding",
 ]

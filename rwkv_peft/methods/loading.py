@@ -190,23 +190,3 @@ def keep_4bit_layers_trainable(model: nn.Module) -> None:
     for m in model.modules():
         if hasattr(m, "support_avx512bf16_for_cpu"):
             m.support_avx512bf16_for_cpu = False
-
-
-def relayout_for_cpu_decoding(model: nn.Module) -> int:
-    """Store every plain ``nn.Linear`` weight of a model on the CPU as ``[in, out]`` in memory (its transpose made
-    contiguous, seen transposed again): values, shapes and modules stay as they are, so peft's layers keep working
-    around them. CPU decoding is a matrix-vector product per weight, bound by reading the weights, and MKL reads
-    this layout (the official package's) about twice as fast as ``nn.Linear``'s ``[out, in]`` (docs/benchmarks.md:
-    the 65,536-token head, 134 MB, in 5.6 ms against 12.5 ms). For inference (``chat``, ``generate``): such a
-    weight is not contiguous, and whoever saves it raw must call ``.contiguous()`` first. Quantized layers and
-    weights on other devices are left alone. Returns how many weights were laid out."""
-    n = 0
-    with torch.no_grad():
-        for mod in model.modules():
-            w = getattr(mod, "weight", None)
-            if type(mod) is not nn.Linear or type(w) is not nn.Parameter or w.device.type != "cpu" or w.dim() != 2:
-                continue
-            if w.is_contiguous():
-                w.data = w.data.t().contiguous().t()
-                n += 1
-    return n
