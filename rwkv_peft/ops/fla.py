@@ -15,7 +15,7 @@ in our layout, ``(o, final_state)`` back, the state fp32 and differentiable. Wha
 
 fla is imported only when one of these runs (never at import). Tested on the CPU against our references with a
 stand-in that implements fla's documented semantics (tests/ops/test_fla.py); on a GPU against fla itself
-(``cuda`` tests, ``scripts/gpu_session.sh``).
+(``cuda`` tests, ``scripts/gpu_check.sh``).
 """
 from __future__ import annotations
 

@@ -4,10 +4,12 @@
 #   2. compute-sanitizer memcheck on the small kernel cases,
 #   3. the kernel benchmark (this kernel vs torch chunked vs flash-linear-attention when importable),
 #   4. optionally the memory benchmark for one shape (MEMORY_SHAPES=1.5B, ...),
-#   5. optionally packed against padded training on short dialogues (issue: >= 3x real tokens/s packed).
+#   5. optionally packed against padded training on short dialogues (issue: >= 3x real tokens/s packed),
+#   6. optionally our training path against fla + peft LoRA at the 1.5B shape (scripts/bench_train.py; TRAIN_ARGS
+#      narrows it, e.g. TRAIN_ARGS="--cases lora,fla-lora --contexts 4096x2").
 # Wheels the machine lacks come from scripts/gpu_wheels.sh (run it here first; carry wheels/).
-# Results go to $OUT (or ./gpu_results). Usage: OUT=/some/dir bash scripts/gpu_session.sh [step ...]
-# where step is any of: tests sanitizer bench memory packing (default: tests sanitizer bench).
+# Results go to $OUT (or ./gpu_results). Usage: OUT=/some/dir bash scripts/gpu_check.sh [step ...]
+# where step is any of: tests sanitizer bench memory packing train (default: tests sanitizer bench).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu_results}"
@@ -42,6 +44,9 @@ for step in "${steps[@]}"; do
       python scripts/bench_packing.py --layers 24 --width 2048 --vocab 65536 --max-length 4096 --samples 256 \
         --batch-size 8 --device cuda --dtype bfloat16 --gradient-checkpointing --json "$OUT/bench_packing.json" \
         2>&1 | tee "$OUT/bench_packing.txt" || status=1 ;;
+    train)
+      python scripts/bench_train.py ${TRAIN_ARGS:-} --json "$OUT/bench_train.json" 2>&1 \
+        | tee "$OUT/bench_train.txt" || status=1 ;;
     *) echo "unknown step: $step" >&2; status=2 ;;
   esac
 done
