@@ -164,3 +164,23 @@ def test_state_with_wrong_layer_count_is_an_error():
     model, x = tiny(), ids()
     with pytest.raises(ValueError, match="state has 1 layers"):
         model(x, state=model.init_state(2)[:1])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_wkv_op_gets_all_six_inputs_in_the_models_dtype(monkeypatch, dtype):
+    """A bf16 model hands the WKV op bf16 r, w, k, v, a, b (the log decay rounded too: docs/kernels.md "Decay
+    precision"), so a kernel runs its bf16 variant with no fp32 copies; a padded batch too."""
+    import rwkv_peft.models.rwkv7.modeling_rwkv7 as modeling
+    seen, op = [], modeling.wkv7
+
+    def recording(*xs, **kw):
+        seen.append({x.dtype for x in xs})
+        return op(*xs, **kw)
+    monkeypatch.setattr(modeling, "wkv7", recording)
+    model = tiny().to(dtype)
+    x = ids()
+    mask = torch.ones_like(x)
+    mask[0, :3] = 0
+    with torch.no_grad():
+        model(x, attention_mask=mask)
+    assert seen and all(s == {dtype} for s in seen)
