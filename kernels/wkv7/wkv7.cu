@@ -15,7 +15,8 @@
 //   bwd_state_kernel  one thread per row i of the state gradient G, reverse sweep (G's rows are independent too):
 //                     Ĝ = G + dy_t r_t^T ; dv_t = Ĝ k_t ; dsa_t = Ĝ b_t ; G = Ĝ diag(d_t) + dsa_t a_t^T.
 //                     Writes dv, dsa (fp32) and the initial-state gradient.
-//   bwd_param_kernel  with sa and dsa known, S and G evolve element by element; a block owns one head, a thread
+//   bwd_param_kernel  with sa and dsa known, S and G evolve element by element; a block owns N/NCB columns of one
+//                     head (NCB = 1 where shared memory allows, 4 on GPUs with 99 KiB per block), a thread
 //                     owns RPT rows of one column j (NG = N/RPT threads per column, adjacent lanes) and carries
 //                     its piece of G backwards through the sequence. Per chunk (last first): reload the
 //                     checkpoint, recompute sub-checkpoints every SK steps (shared memory), then per sub-chunk
@@ -331,30 +332,36 @@ bwd_state_kernel(const int Tlen, const int H,
 
 // ------------------------------------------------------------------------------------------------ backward 2
 
-// Shared memory layout of bwd_param_kernel:
-//   hist  fp32, NSLOT slots of the head's state, thread-private pieces: slot s, float4 group g, thread tid at
-//         float4 index (s * G4 + g) * NT + tid. Slots 0..NSUB-1: sub-checkpoints; NSUB..NSUB+SK-2: the states
-//         before steps 1..SK-1 of the current sub-chunk.
-//   raw   two buffers: r, w, k, a, b, v, dy as [CK][N] (input dtype), then sa, dsa as [CK][N] (fp32)
-//   F     fp32: r, d = exp(w), k, a, b, v, dy as [CK][N]
-//   QR    fp32 [2][CK]: Q_t = sa_t . dy_t, R_t = v_t . dy_t
-template <typename T, int N>
+// Shared memory layout of bwd_param_kernel (a block owns NC = N / NCB columns j0 .. j0 + NC - 1 of one head; with
+// sa and dsa given, the elements of different columns never meet, so the NCB blocks of a head are independent):
+//   hist  fp32, NSLOT slots of the block's NC columns of the state, thread-private pieces: slot s, float4 group g,
+//         thread tid at float4 index (s * G4 + g) * NT + tid. Slots 0..NSUB-1: sub-checkpoints;
+//         NSUB..NSUB+SK-2: the states before steps 1..SK-1 of the current sub-chunk.
+//   raw   two buffers: r, w, k, a, b as [CK][NC] (the block's columns), v, dy as [CK][N] (input dtype), then
+//         sa, dsa as [CK][N] (fp32)
+//   F     fp32: r, d = exp(w), k, a, b as [CK][NC], v, dy as [CK][N]
+//   QR    fp32 [2][CK]: Q_t = sa_t . dy_t, R_t = v_t . dy_t (every block of the head computes them)
+template <typename T, int N, int NCB>
 struct ParamLayout {
+    static constexpr int NC = N / NCB;      // columns per block
     static constexpr int NG = N / RPT;      // threads per column
-    static constexpr int NT = N * NG;       // threads per block
+    static constexpr int NT = NC * NG;      // threads per block
     static constexpr int G4 = RPT / 4;      // float4 groups per thread
     static constexpr int NSUB = CK / SK;
     static constexpr int NSLOT = NSUB + SK - 1;
-    static constexpr size_t hist_bytes = static_cast<size_t>(NSLOT) * N * N * sizeof(float);
-    static constexpr size_t raw_t_bytes = static_cast<size_t>(7) * CK * N * sizeof(T);
+    static constexpr int COL = 5 * CK * NC;  // elements of the column inputs in raw / F; the row inputs follow
+    static constexpr int ELEMS = COL + 2 * CK * N;
+    static constexpr size_t hist_bytes = static_cast<size_t>(NSLOT) * NC * N * sizeof(float);
+    static constexpr size_t raw_t_bytes = static_cast<size_t>(ELEMS) * sizeof(T);
     static constexpr size_t raw_bytes = raw_t_bytes + static_cast<size_t>(2) * CK * N * sizeof(float);
-    static constexpr size_t f_bytes = static_cast<size_t>(7) * CK * N * sizeof(float);
+    static constexpr size_t f_bytes = static_cast<size_t>(ELEMS) * sizeof(float);
     static constexpr size_t qr_bytes = static_cast<size_t>(2) * CK * sizeof(float);
     static constexpr size_t total = hist_bytes + 2 * raw_bytes + f_bytes + qr_bytes;
+    static_assert(raw_t_bytes % 16 == 0 && (NC * sizeof(T)) % 16 == 0, "16-byte staging");
 };
 
-template <typename T, int N>
-__global__ void __launch_bounds__(ParamLayout<T, N>::NT, 1)
+template <typename T, int N, int NCB>
+__global__ void __launch_bounds__(ParamLayout<T, N, NCB>::NT, 1)
 bwd_param_kernel(const int Tlen, const int H,
                  const T* __restrict__ r, const T* __restrict__ w, const T* __restrict__ k,
                  const T* __restrict__ v, const T* __restrict__ a, const T* __restrict__ b,
@@ -362,8 +369,8 @@ bwd_param_kernel(const int Tlen, const int H,
                  const float* __restrict__ ckpt, const float* __restrict__ dsT,
                  T* __restrict__ dr, T* __restrict__ dw, T* __restrict__ dk,
                  T* __restrict__ da, T* __restrict__ db) {
-    using Lay = ParamLayout<T, N>;
-    constexpr int NG = Lay::NG, NT = Lay::NT, G4 = Lay::G4, NSUB = Lay::NSUB;
+    using Lay = ParamLayout<T, N, NCB>;
+    constexpr int NC = Lay::NC, NG = Lay::NG, NT = Lay::NT, G4 = Lay::G4, NSUB = Lay::NSUB, COL = Lay::COL;
     static_assert(N % RPT == 0 && RPT % 4 == 0, "N must be a multiple of RPT");
     static_assert(NT % 32 == 0 && 32 % NG == 0, "a column's lanes must sit in one warp");
     static_assert((2 * CK) % (NT / 8) == 0, "every 8-lane group must do the same number of Q/R dot products");
@@ -372,19 +379,20 @@ bwd_param_kernel(const int Tlen, const int H,
     float4* hist = reinterpret_cast<float4*>(smem);
     unsigned char* raw_base = smem + Lay::hist_bytes;  // raw buffer x at raw_base + x * raw_bytes
     float* F = reinterpret_cast<float*>(raw_base + 2 * Lay::raw_bytes);
-    float* QR = F + 7 * CK * N;
-    const float* Fr = F;
-    const float* Fd = F + 1 * CK * N;
-    const float* Fk = F + 2 * CK * N;
-    const float* Fa = F + 3 * CK * N;
-    const float* Fb = F + 4 * CK * N;
-    const float* Fv = F + 5 * CK * N;
-    const float* Fdy = F + 6 * CK * N;
+    float* QR = F + Lay::ELEMS;
+    const float* Fr = F;                      // the column inputs: [CK][NC], local column j
+    const float* Fd = F + 1 * CK * NC;
+    const float* Fk = F + 2 * CK * NC;
+    const float* Fa = F + 3 * CK * NC;
+    const float* Fb = F + 4 * CK * NC;
+    const float* Fv = F + COL;                // the row inputs: [CK][N]
+    const float* Fdy = F + COL + CK * N;
 
     const int tid = threadIdx.x;
     const int q = tid % NG;   // which of the column's NG threads
-    const int j = tid / NG;   // my column
-    const int bh = blockIdx.x;
+    const int j = tid / NG;   // my column within the block; the head's column is j0 + j
+    const int bh = blockIdx.x / NCB;
+    const int j0 = (blockIdx.x % NCB) * NC;
     const int bb = bh / H, hh = bh % H;
     const int nC = (Tlen + CK - 1) / CK;
     const int64_t tstride = static_cast<int64_t>(H) * N;
@@ -399,20 +407,20 @@ bwd_param_kernel(const int Tlen, const int H,
         const int64_t off = base + t0 * tstride;
         T* dt = reinterpret_cast<T*>(dst);
         float* df = reinterpret_cast<float*>(dst + Lay::raw_t_bytes);
-        stage_rows(dt + 0 * CK * N, N, r + off, tstride, L, N, tid, NT);
-        stage_rows(dt + 1 * CK * N, N, w + off, tstride, L, N, tid, NT);
-        stage_rows(dt + 2 * CK * N, N, k + off, tstride, L, N, tid, NT);
-        stage_rows(dt + 3 * CK * N, N, a + off, tstride, L, N, tid, NT);
-        stage_rows(dt + 4 * CK * N, N, b + off, tstride, L, N, tid, NT);
-        stage_rows(dt + 5 * CK * N, N, v + off, tstride, L, N, tid, NT);
-        stage_rows(dt + 6 * CK * N, N, dy + off, tstride, L, N, tid, NT);
+        stage_rows(dt + 0 * CK * NC, NC, r + off + j0, tstride, L, NC, tid, NT);
+        stage_rows(dt + 1 * CK * NC, NC, w + off + j0, tstride, L, NC, tid, NT);
+        stage_rows(dt + 2 * CK * NC, NC, k + off + j0, tstride, L, NC, tid, NT);
+        stage_rows(dt + 3 * CK * NC, NC, a + off + j0, tstride, L, NC, tid, NT);
+        stage_rows(dt + 4 * CK * NC, NC, b + off + j0, tstride, L, NC, tid, NT);
+        stage_rows(dt + COL, N, v + off, tstride, L, N, tid, NT);
+        stage_rows(dt + COL + CK * N, N, dy + off, tstride, L, N, tid, NT);
         stage_rows(df + 0 * CK * N, N, sa + off, tstride, L, N, tid, NT);
         stage_rows(df + 1 * CK * N, N, dsa + off, tstride, L, N, tid, NT);
     };
 
     float G[RPT];
     if (dsT != nullptr) {
-        const float* src = dsT + static_cast<int64_t>(bh) * N * N + j;
+        const float* src = dsT + static_cast<int64_t>(bh) * N * N + j0 + j;
 #pragma unroll
         for (int g = 0; g < G4; ++g)
 #pragma unroll
@@ -437,7 +445,7 @@ bwd_param_kernel(const int Tlen, const int H,
         // the chunk's checkpoint, my column and rows (ckpt is stored [j][i])
         float S[RPT];
         {
-            const float* src = ckpt + ((static_cast<int64_t>(bh) * nC + c) * N + j) * N;
+            const float* src = ckpt + ((static_cast<int64_t>(bh) * nC + c) * N + j0 + j) * N;
 #pragma unroll
             for (int g = 0; g < G4; ++g) {
                 const float4 x = ld4(src + row0(g));
@@ -449,10 +457,11 @@ bwd_param_kernel(const int Tlen, const int H,
         __syncthreads();
         {
             const T* rt = reinterpret_cast<const T*>(cur);
-            for (int e = tid; e < 7 * CK * N; e += NT) {
-                if ((e / N) % CK < L) {
+            for (int e = tid; e < Lay::ELEMS; e += NT) {
+                const int step = e < COL ? (e / NC) % CK : ((e - COL) / N) % CK;
+                if (step < L) {
                     const float x = to_float(rt[e]);
-                    F[e] = (e / (CK * N) == 1) ? expf(x) : x;
+                    F[e] = (e >= CK * NC && e < 2 * CK * NC) ? expf(x) : x;  // d = exp(w)
                 }
             }
         }
@@ -477,7 +486,7 @@ bwd_param_kernel(const int Tlen, const int H,
 
         // one step of the state recurrence on my elements, with the saved sa: S_{tl-1} -> S_tl
         auto advance = [&](int tl) {
-            const float dj = Fd[tl * N + j], bj = Fb[tl * N + j], kj = Fk[tl * N + j];
+            const float dj = Fd[tl * NC + j], bj = Fb[tl * NC + j], kj = Fk[tl * NC + j];
 #pragma unroll
             for (int g = 0; g < G4; ++g) {
                 const float4 s4 = ld4(Ssa + tl * N + row0(g)), v4 = ld4(Fv + tl * N + row0(g));
@@ -515,8 +524,8 @@ bwd_param_kernel(const int Tlen, const int H,
             for (int m = mlen - 1; m >= 0; --m) {
                 const int tl = u * SK + m;
                 const int slot = (m == 0) ? u : NSUB + m - 1;   // S_{t-1}
-                const float rj = Fr[tl * N + j], dj = Fd[tl * N + j], kj = Fk[tl * N + j];
-                const float aj = Fa[tl * N + j], bj = Fb[tl * N + j];
+                const float rj = Fr[tl * NC + j], dj = Fd[tl * NC + j], kj = Fk[tl * NC + j];
+                const float aj = Fa[tl * NC + j], bj = Fb[tl * NC + j];
                 float P = 0.f, DD = 0.f, DB = 0.f, DK = 0.f, DA = 0.f;
 #pragma unroll
                 for (int g = 0; g < G4; ++g) {
@@ -543,7 +552,7 @@ bwd_param_kernel(const int Tlen, const int H,
                     DK += __shfl_xor_sync(0xffffffffu, DK, off);
                     DA += __shfl_xor_sync(0xffffffffu, DA, off);
                 }
-                const int64_t o = base + (t0 + tl) * tstride + j;
+                const int64_t o = base + (t0 + tl) * tstride + j0 + j;
                 // S_t^T dy = d * (S_{t-1}^T dy) + b (sa.dy) + k (v.dy)
                 const float drj = fmaf(dj, P, fmaf(bj, QR[tl], kj * QR[CK + tl]));
                 if (0 % NG == q) dr[o] = from_float<T>(drj);
@@ -579,11 +588,47 @@ static cudaError_t fwd_t(int B, int Tlen, int H, const void* r, const void* w, c
     return cudaGetLastError();
 }
 
+// NCB_SMALL: the column split for GPUs whose blocks cannot hold a whole head's history (N = 64: 99 KiB cards).
+// With N = 32 every layout is small enough unsplit (and NT must stay a multiple of 32).
+constexpr int NCB_SMALL = 4;
+
+static int smem_optin() {
+    int dev = 0, optin = 0;
+    cudaGetDevice(&dev);
+    cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+    return optin;
+}
+
+static size_t param_bytes(size_t elem, int N, int ncb) {
+    if (N == 64 && elem == 2) return ncb == 1 ? ParamLayout<__nv_bfloat16, 64, 1>::total : ParamLayout<__nv_bfloat16, 64, NCB_SMALL>::total;
+    if (N == 64) return ncb == 1 ? ParamLayout<float, 64, 1>::total : ParamLayout<float, 64, NCB_SMALL>::total;
+    return elem == 2 ? ParamLayout<__nv_bfloat16, 32, 1>::total : ParamLayout<float, 32, 1>::total;
+}
+
+// The column split bwd_param_kernel runs with: 1 where a whole head fits in a block's shared memory.
+static int param_ncb(size_t elem, int N, int optin) {
+    return (N != 64 || param_bytes(elem, N, 1) <= static_cast<size_t>(optin)) ? 1 : NCB_SMALL;
+}
+
+template <typename T, int N, int NCB>
+static cudaError_t param_t(int B, int Tlen, int H, const T* rt, const T* wt, const T* kt, const T* vt, const T* at,
+                           const T* bt, const T* dyt, const float* sa, const float* dsa, const float* ckpt,
+                           const float* dsT, void* dr, void* dw, void* dk, void* da, void* db, cudaStream_t stream) {
+    using Lay = ParamLayout<T, N, NCB>;
+    auto k2 = bwd_param_kernel<T, N, NCB>;
+    cudaError_t err = set_smem(k2, Lay::total);
+    if (err != cudaSuccess) return err;
+    k2<<<B * H * NCB, Lay::NT, Lay::total, stream>>>(Tlen, H, rt, wt, kt, vt, at, bt, dyt, sa, dsa, ckpt, dsT,
+                                                     static_cast<T*>(dr), static_cast<T*>(dw), static_cast<T*>(dk),
+                                                     static_cast<T*>(da), static_cast<T*>(db));
+    return cudaGetLastError();
+}
+
 template <typename T, int N>
 static cudaError_t bwd_t(int B, int Tlen, int H, const void* r, const void* w, const void* k, const void* v,
                          const void* a, const void* b, const void* dy, const float* dsT, const float* sa,
                          const float* ckpt, float* dsa, void* dr, void* dw, void* dk, void* dv, void* da,
-                         void* db, float* ds0, cudaStream_t stream) {
+                         void* db, float* ds0, int split_asked, cudaStream_t stream) {
     const T* rt = static_cast<const T*>(r);
     const T* wt = static_cast<const T*>(w);
     const T* kt = static_cast<const T*>(k);
@@ -600,14 +645,11 @@ static cudaError_t bwd_t(int B, int Tlen, int H, const void* r, const void* w, c
     err = cudaGetLastError();
     if (err != cudaSuccess) return err;
 
-    using Lay = ParamLayout<T, N>;
-    auto k2 = bwd_param_kernel<T, N>;
-    err = set_smem(k2, Lay::total);
-    if (err != cudaSuccess) return err;
-    k2<<<B * H, Lay::NT, Lay::total, stream>>>(Tlen, H, rt, wt, kt, vt, at, bt, dyt, sa, dsa, ckpt, dsT,
-                                               static_cast<T*>(dr), static_cast<T*>(dw), static_cast<T*>(dk),
-                                               static_cast<T*>(da), static_cast<T*>(db));
-    return cudaGetLastError();
+    constexpr int split = N == 64 ? NCB_SMALL : 1;
+    const int chosen = split_asked ? split_asked : param_ncb(sizeof(T), N, smem_optin());
+    if (split == 1 || chosen == 1)
+        return param_t<T, N, 1>(B, Tlen, H, rt, wt, kt, vt, at, bt, dyt, sa, dsa, ckpt, dsT, dr, dw, dk, da, db, stream);
+    return param_t<T, N, split>(B, Tlen, H, rt, wt, kt, vt, at, bt, dyt, sa, dsa, ckpt, dsT, dr, dw, dk, da, db, stream);
 }
 
 // dtype: 0 = float32, 1 = bfloat16. Returns cudaErrorInvalidValue for an unsupported (dtype, N).
@@ -628,10 +670,11 @@ cudaError_t wkv7_forward_launch(int dtype, int B, int Tlen, int H, int N, const 
 cudaError_t wkv7_backward_launch(int dtype, int B, int Tlen, int H, int N, const void* r, const void* w,
                                  const void* k, const void* v, const void* a, const void* b, const void* dy,
                                  const float* dsT, const float* sa, const float* ckpt, float* dsa, void* dr,
-                                 void* dw, void* dk, void* dv, void* da, void* db, float* ds0,
+                                 void* dw, void* dk, void* dv, void* da, void* db, float* ds0, int split,
                                  cudaStream_t stream) {
 #define RWKV_WKV7_BWD(TYPE, NN) \
-    return bwd_t<TYPE, NN>(B, Tlen, H, r, w, k, v, a, b, dy, dsT, sa, ckpt, dsa, dr, dw, dk, dv, da, db, ds0, stream)
+    return bwd_t<TYPE, NN>(B, Tlen, H, r, w, k, v, a, b, dy, dsT, sa, ckpt, dsa, dr, dw, dk, dv, da, db, ds0, split, \
+                           stream)
     if (dtype == 0 && N == 64) RWKV_WKV7_BWD(float, 64);
     if (dtype == 1 && N == 64) RWKV_WKV7_BWD(__nv_bfloat16, 64);
     if (dtype == 0 && N == 32) RWKV_WKV7_BWD(float, 32);
@@ -640,12 +683,13 @@ cudaError_t wkv7_backward_launch(int dtype, int B, int Tlen, int H, int N, const
     return cudaErrorInvalidValue;
 }
 
-size_t wkv7_smem_bytes(int dtype, int N, int which) {  // which: 0 forward / backward-1, 1 backward-2
-    if (N == 64) return which == 0 ? (dtype ? FwdLayout<__nv_bfloat16, 64>::total : FwdLayout<float, 64>::total)
-                                   : (dtype ? ParamLayout<__nv_bfloat16, 64>::total : ParamLayout<float, 64>::total);
-    if (N == 32) return which == 0 ? (dtype ? FwdLayout<__nv_bfloat16, 32>::total : FwdLayout<float, 32>::total)
-                                   : (dtype ? ParamLayout<__nv_bfloat16, 32>::total : ParamLayout<float, 32>::total);
-    return 0;
+// which: 0 forward / backward-1; 1 backward-2 unsplit; 2 backward-2 as split on small GPUs (the least it needs)
+size_t wkv7_smem_bytes(int dtype, int N, int which) {
+    const size_t elem = dtype ? 2 : 4;
+    if (N != 64 && N != 32) return 0;
+    if (which == 0) return N == 64 ? (dtype ? FwdLayout<__nv_bfloat16, 64>::total : FwdLayout<float, 64>::total)
+                                   : (dtype ? FwdLayout<__nv_bfloat16, 32>::total : FwdLayout<float, 32>::total);
+    return param_bytes(elem, N, which == 1 ? 1 : (N == 64 ? NCB_SMALL : 1));
 }
 
 }  // namespace rwkv_peft_wkv7

@@ -2,7 +2,9 @@
 // this file checks the arguments, allocates the outputs and calls the launchers on the current stream.
 //
 //   torch.ops.rwkv_peft_wkv7.forward(r, w, k, v, a, b, s0, save) -> (y, sT, sa, ckpt)
-//   torch.ops.rwkv_peft_wkv7.backward(r, w, k, v, a, b, dy, dsT, sa, ckpt) -> (dr, dw, dk, dv, da, db, ds0)
+//   torch.ops.rwkv_peft_wkv7.backward(r, w, k, v, a, b, dy, dsT, sa, ckpt, split) -> (dr, dw, dk, dv, da, db, ds0)
+//   (split: how many blocks share a head's columns in the parameter kernel; 0 = chosen from the device's shared
+//   memory, 1 or 4 = forced, for tests)
 //
 // r..b, y, dy, dr..db: [B, T, H, N], one dtype (float32 or bfloat16), contiguous, 16-byte aligned.
 // s0: None, [B, H, N, N] or [H, N, N] (shared by the batch), float32. sT, ds0: [B, H, N, N] float32
@@ -31,7 +33,7 @@ cudaError_t wkv7_forward_launch(int dtype, int B, int Tlen, int H, int N, const 
 cudaError_t wkv7_backward_launch(int dtype, int B, int Tlen, int H, int N, const void* r, const void* w,
                                  const void* k, const void* v, const void* a, const void* b, const void* dy,
                                  const float* dsT, const float* sa, const float* ckpt, float* dsa, void* dr,
-                                 void* dw, void* dk, void* dv, void* da, void* db, float* ds0,
+                                 void* dw, void* dk, void* dv, void* da, void* db, float* ds0, int split,
                                  cudaStream_t stream);
 
 namespace {
@@ -122,7 +124,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& r, const at::Tensor& w, const at::Tensor& k, const at::Tensor& v, const at::Tensor& a,
     const at::Tensor& b, const at::Tensor& dy, const std::optional<at::Tensor>& dsT, const at::Tensor& sa,
-    const at::Tensor& ckpt) {
+    const at::Tensor& ckpt, int64_t split) {
+    TORCH_CHECK(split == 0 || split == 1 || split == 4, "wkv7 backward: split must be 0 (by the device), 1 or 4");
     check_sizes(r);
     check_seq(r, "r", r);
     check_seq(w, "w", r);
@@ -156,7 +159,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         dt, static_cast<int>(B), static_cast<int>(T), static_cast<int>(H), static_cast<int>(N), r.data_ptr(),
         w.data_ptr(), k.data_ptr(), v.data_ptr(), a.data_ptr(), b.data_ptr(), dy.data_ptr(), dsTp,
         sa.data_ptr<float>(), ckpt.data_ptr<float>(), dsa.data_ptr<float>(), dr.data_ptr(), dw.data_ptr(),
-        dk.data_ptr(), dv.data_ptr(), da.data_ptr(), db.data_ptr(), ds0.data_ptr<float>(),
+        dk.data_ptr(), dv.data_ptr(), da.data_ptr(), db.data_ptr(), ds0.data_ptr<float>(), static_cast<int>(split),
         current_stream(r.device()));
     TORCH_CHECK(err == cudaSuccess, "wkv7 backward kernel launch failed: ", cudaGetErrorString(err));
     return {dr, dw, dk, dv, da, db, ds0};
@@ -168,7 +171,7 @@ TORCH_LIBRARY(rwkv_peft_wkv7, m) {
     m.def("forward(Tensor r, Tensor w, Tensor k, Tensor v, Tensor a, Tensor b, Tensor? s0, bool save)"
           " -> (Tensor, Tensor, Tensor, Tensor)");
     m.def("backward(Tensor r, Tensor w, Tensor k, Tensor v, Tensor a, Tensor b, Tensor dy, Tensor? dsT,"
-          " Tensor sa, Tensor ckpt) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+          " Tensor sa, Tensor ckpt, int split=0) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(rwkv_peft_wkv7, CUDA, m) {

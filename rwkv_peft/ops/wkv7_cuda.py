@@ -33,8 +33,14 @@ HEAD_SIZES = (32, 64)                          # compiled head sizes
 DTYPES = (torch.float32, torch.bfloat16)       # compiled input dtypes
 CHECKPOINT_INTERVAL = 16                       # CK in wkv7.cu: the forward saves the state every 16 steps
 MIN_CAPABILITY = (8, 0)                        # cp.async, bf16
-# Shared memory per block the backward needs (bytes) for N = 64: bf16 / fp32 inputs (see wkv7.cu ParamLayout).
-SMEM_BWD = {torch.bfloat16: 188_544, torch.float32: 217_216}
+# Shared memory per block (bytes, N = 64, bf16 / fp32 inputs) the backward's parameter kernel needs at the least:
+# with each head's columns split over four blocks (wkv7.cu ParamLayout<T, 64, 4>), what GPUs with 99 KiB per block
+# run (RTX 30/40/50, L40S) and A100; a whole head per block (188,544 / 217,216 bytes) runs where it fits (H100/H200).
+# The launcher chooses from the device's opt-in limit; the other kernels need less (45,056 / 67,584).
+SMEM_BWD = {torch.bfloat16: 71_808, torch.float32: 85_120}
+# The parameter kernel's column split: 0 = chosen from the device (above); 1 or 4 forces it (tests run the split
+# on a GPU that would not need it). Read at each backward.
+PARAM_SPLIT = 0
 
 _lock = threading.Lock()
 _loaded: Dict[str, Path] = {}                  # arch -> build dir (this process)
@@ -78,7 +84,7 @@ def _static_reason(device: Optional[torch.device] = None) -> Optional[str]:
     optin = getattr(props, "shared_memory_per_block_optin", None)
     if optin is not None and optin < min(SMEM_BWD.values()):
         return (f"the backward needs {min(SMEM_BWD.values()) // 1024} KiB of shared memory per block and "
-                f"{props.name} allows {optin // 1024} KiB (H100/H200-class GPUs do)")
+                f"{props.name} allows {optin // 1024} KiB (every GPU from sm_80 on allows 99 KiB or more)")
     return None
 
 
@@ -175,7 +181,7 @@ class WKV7Function(torch.autograd.Function):
             return (None,) * 7
         dy = torch.zeros_like(r) if dy is None else _prep(dy, r.dtype)
         dsT = None if dsT is None else _prep(dsT, torch.float32)
-        dr, dw, dk, dv, da, db, ds0 = _ops().backward(r, w, k, v, a, b, dy, dsT, sa, ckpt)
+        dr, dw, dk, dv, da, db, ds0 = _ops().backward(r, w, k, v, a, b, dy, dsT, sa, ckpt, PARAM_SPLIT)
         if ctx.s0_dim is None or not ctx.needs_input_grad[6]:
             ds0 = None
         elif ctx.s0_dim == 3:

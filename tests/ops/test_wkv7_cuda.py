@@ -93,13 +93,16 @@ def test_emulated_kernel_algorithm_matches_autograd(T, N, state, final_grad, one
         assert rel(got, ref) < 1e-10, name
 
 
-@pytest.mark.parametrize("B,T,H,N,state,final_grad,epp", [
-    (2, 37, 2, 64, "shared", True, 8), (1, 50, 1, 64, "batch", False, 4), (2, 19, 3, 32, "none", True, 8),
-    (1, 1, 2, 64, "batch", True, 4), (1, 33, 1, 32, "shared", False, 4),
+@pytest.mark.parametrize("B,T,H,N,state,final_grad,epp,ncb", [
+    (2, 37, 2, 64, "shared", True, 8, 1), (1, 50, 1, 64, "batch", False, 4, 1), (2, 19, 3, 32, "none", True, 8, 1),
+    (1, 1, 2, 64, "batch", True, 4, 1), (1, 33, 1, 32, "shared", False, 4, 1),
+    (2, 37, 2, 64, "shared", True, 8, 4), (1, 50, 1, 64, "batch", False, 4, 4), (1, 1, 2, 64, "none", True, 8, 4),
 ])
-def test_flat_transliteration_of_the_cuda_code_matches_autograd(B, T, H, N, state, final_grad, epp, one_thread):
+def test_flat_transliteration_of_the_cuda_code_matches_autograd(B, T, H, N, state, final_grad, epp, ncb,
+                                                                 one_thread):
     """The .cu code's own index arithmetic (staging, buffers, shared-memory slots, checkpoint layout, lanes),
-    transliterated onto flat arrays that start as NaN: any unstaged read or unwritten output would show."""
+    transliterated onto flat arrays that start as NaN: any unstaged read or unwritten output would show. ncb = 4:
+    the parameter kernel with each head's columns split over four blocks (GPUs with 99 KiB per block)."""
     x = make_inputs(B, T, H, N, seed=T)
     s0 = make_state(state, B, H, N, seed=3)
     g = torch.Generator().manual_seed(5)
@@ -109,7 +112,7 @@ def test_flat_transliteration_of_the_cuda_code_matches_autograd(B, T, H, N, stat
     s0_leaf = None if s0 is None else s0.clone().requires_grad_()
     o, sT = wkv7_recurrent(*leaves, initial_state=s0_leaf)
     ((o * dy).sum() + ((sT * dsT).sum() if dsT is not None else 0.0)).backward()
-    y, sT_flat, grads = flat.forward_backward(*x, s0, dy, dsT, epp=epp)
+    y, sT_flat, grads = flat.forward_backward(*x, s0, dy, dsT, epp=epp, ncb=ncb)
     assert rel(y, o) < 1e-12 and rel(sT_flat, sT) < 1e-12
     refs = [t.grad for t in leaves] + [None if s0_leaf is None else s0_leaf.grad]
     for name, got, ref in zip("r w k v a b s0".split(), grads, refs):
@@ -281,6 +284,21 @@ def test_small_cases_for_sanitizer(kernel, dtype):
     compare(kernel, 2, 37, 2, 64, dtype, "batch", True, seed=3)
     compare(kernel, 1, 5, 1, 64, dtype, "shared", False, seed=4)
     compare(kernel, 1, 19, 2, 32, dtype, "none", True, seed=6)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("T,cfg", [(37, (2, 2, "batch", True)), (1000, (3, 4, "shared", True)),
+                                   (4096, (1, 32, "none", False))], ids=["small-split", "T1000", "T4096"])
+def test_column_split_of_the_parameter_kernel(kernel, monkeypatch, T, cfg, dtype):
+    """The parameter kernel with each head's columns over four blocks (what 99 KiB GPUs run), forced on any GPU,
+    against the reference; and the same inputs unsplit give the same gradients."""
+    B, H, state, final_grad = cfg
+    monkeypatch.setattr(wkv7_cuda, "PARAM_SPLIT", 4)
+    split = compare(kernel, B, T, H, 64, dtype, state, final_grad, seed=T + 7)
+    monkeypatch.setattr(wkv7_cuda, "PARAM_SPLIT", 1)
+    whole = compare(kernel, B, T, H, 64, dtype, state, final_grad, seed=T + 7)
+    assert split == whole  # the same arithmetic, element by element, in either layout
 
 
 @pytest.mark.cuda

@@ -155,17 +155,22 @@ def bwd_state_kernel(Tlen, H, B, N, r, w, k, a, b, dy, dsT, epp):
     return dv, dsa, ds0
 
 
-def bwd_param_kernel(Tlen, H, B, N, r, w, k, v, a, b, dy, sa, dsa, ckpt, dsT, epp):
+def bwd_param_kernel(Tlen, H, B, N, r, w, k, v, a, b, dy, sa, dsa, ckpt, dsT, epp, ncb=1):
+    """``ncb``: the blocks a head's columns are split over (NCB; 1, or NCB_SMALL on 99 KiB GPUs)."""
+    NC = N // ncb
     NG, G4, NSUB = N // RPT, RPT // 4, CK // SK
-    NT = N * NG
+    NT = NC * NG
     NSLOT = NSUB + SK - 1
+    COL = 5 * CK * NC
+    ELEMS = COL + 2 * CK * N
     nC = (Tlen + CK - 1) // CK
     out = {n: np.full(B * Tlen * H * N, np.nan) for n in ("dr", "dw", "dk", "da", "db")}
-    for bh in range(B * H):
+    for block in range(B * H * ncb):
+        bh, j0 = block // ncb, (block % ncb) * NC
         hist = np.full((NSLOT * G4 * NT, 4), np.nan)                 # float4 array
-        raw_t = [np.full(7 * CK * N, np.nan) for _ in range(2)]      # the input-dtype part of each raw buffer
+        raw_t = [np.full(ELEMS, np.nan) for _ in range(2)]           # the input-dtype part of each raw buffer
         raw_f = [np.full(2 * CK * N, np.nan) for _ in range(2)]      # the fp32 part (sa, dsa)
-        F = np.full(7 * CK * N, np.nan)
+        F = np.full(ELEMS, np.nan)
         QR = np.full(2 * CK, np.nan)
         tid = np.arange(NT)
         q, j = tid % NG, tid // NG
@@ -180,8 +185,10 @@ def bwd_param_kernel(Tlen, H, B, N, r, w, k, v, a, b, dy, sa, dsa, ckpt, dsT, ep
             t0 = c * CK
             L = min(CK, Tlen - t0)
             off = base + t0 * tstride
-            for arr, src in enumerate((r, w, k, a, b, v, dy)):
-                _stage_rows(raw_t[x], arr * CK * N, N, src, off, tstride, L, N, epp)
+            for arr, src in enumerate((r, w, k, a, b)):
+                _stage_rows(raw_t[x], arr * CK * NC, NC, src, off + j0, tstride, L, NC, epp)
+            _stage_rows(raw_t[x], COL, N, v, off, tstride, L, N, epp)
+            _stage_rows(raw_t[x], COL + CK * N, N, dy, off, tstride, L, N, epp)
             _stage_rows(raw_f[x], 0, N, sa, off, tstride, L, N, 4)
             _stage_rows(raw_f[x], CK * N, N, dsa, off, tstride, L, N, 4)
 
@@ -189,7 +196,7 @@ def bwd_param_kernel(Tlen, H, B, N, r, w, k, v, a, b, dy, sa, dsa, ckpt, dsT, ep
         if dsT is not None:
             for g in range(G4):
                 for e in range(4):
-                    G[:, 4 * g + e] = dsT[bh * N * N + j + (row0(g) + e) * N]
+                    G[:, 4 * g + e] = dsT[bh * N * N + j0 + j + (row0(g) + e) * N]
         issue(nC - 1, 0)
         for kk in range(nC):
             c = nC - 1 - kk
@@ -199,16 +206,18 @@ def bwd_param_kernel(Tlen, H, B, N, r, w, k, v, a, b, dy, sa, dsa, ckpt, dsT, ep
             if kk + 1 < nC:
                 issue(nC - 2 - kk, (kk + 1) & 1)
             S = np.zeros((NT, RPT))
-            src = ((bh * nC + c) * N + j) * N
+            src = ((bh * nC + c) * N + j0 + j) * N
             for g in range(G4):
                 for e in range(4):
                     S[:, 4 * g + e] = ckpt[src + row0(g) + e]
-            e_ = np.arange(7 * CK * N)
-            m = (e_ // N) % CK < L
+            e_ = np.arange(ELEMS)
+            step = np.where(e_ < COL, (e_ // NC) % CK, ((e_ - COL) // N) % CK)
+            m = step < L
             x = raw_t[cur][e_[m]]
-            F[e_[m]] = np.where(e_[m] // (CK * N) == 1, np.exp(x), x)
+            F[e_[m]] = np.where((e_[m] >= CK * NC) & (e_[m] < 2 * CK * NC), np.exp(x), x)
             Ssa, Sdsa = raw_f[cur][:CK * N], raw_f[cur][CK * N:]
-            Fr, Fd, Fk, Fa, Fb, Fv, Fdy = (F[n * CK * N:] for n in range(7))
+            Fr, Fd, Fk, Fa, Fb = (F[n * CK * NC:] for n in range(5))
+            Fv, Fdy = F[COL:], F[COL + CK * N:]
             covered = sorted({g8 + m * (NT // 8) for g8 in range(NT // 8) for m in range(2 * CK)
                               if g8 + m * (NT // 8) < 2 * CK})   # dI = (tid >> 3) + m * NT/8
             for dI in covered:
@@ -223,7 +232,7 @@ def bwd_param_kernel(Tlen, H, B, N, r, w, k, v, a, b, dy, sa, dsa, ckpt, dsT, ep
 
             def advance(tl):
                 nonlocal S
-                dj, bj, kj = Fd[tl * N + j], Fb[tl * N + j], Fk[tl * N + j]
+                dj, bj, kj = Fd[tl * NC + j], Fb[tl * NC + j], Fk[tl * NC + j]
                 for g in range(G4):
                     for e in range(4):
                         s4 = Ssa[tl * N + row0(g) + e]
@@ -250,8 +259,8 @@ def bwd_param_kernel(Tlen, H, B, N, r, w, k, v, a, b, dy, sa, dsa, ckpt, dsT, ep
                 for mm in range(mlen - 1, -1, -1):
                     tl = u * SK + mm
                     slot = u if mm == 0 else NSUB + mm - 1
-                    rj, dj, kj = Fr[tl * N + j], Fd[tl * N + j], Fk[tl * N + j]
-                    aj, bj = Fa[tl * N + j], Fb[tl * N + j]
+                    rj, dj, kj = Fr[tl * NC + j], Fd[tl * NC + j], Fk[tl * NC + j]
+                    aj, bj = Fa[tl * NC + j], Fb[tl * NC + j]
                     P, DD, DB, DK, DA = (np.zeros(NT) for _ in range(5))
                     for g in range(G4):
                         sp4 = hist[(slot * G4 + g) * NT + tid]
@@ -271,7 +280,7 @@ def bwd_param_kernel(Tlen, H, B, N, r, w, k, v, a, b, dy, sa, dsa, ckpt, dsT, ep
                     while off < NG:
                         P, DD, DB, DK, DA = (x + x[tid ^ off] for x in (P, DD, DB, DK, DA))
                         off <<= 1
-                    o = base + (t0 + tl) * tstride + j
+                    o = base + (t0 + tl) * tstride + j0 + j
                     drj = dj * P + (bj * QR[tl] + kj * QR[CK + tl])
                     for idx, (name, val) in enumerate((("dr", drj), ("dw", DD * dj), ("dk", DK), ("da", DA),
                                                        ("db", DB))):
@@ -280,9 +289,9 @@ def bwd_param_kernel(Tlen, H, B, N, r, w, k, v, a, b, dy, sa, dsa, ckpt, dsT, ep
     return out["dr"], out["dw"], out["dk"], out["da"], out["db"]
 
 
-def forward_backward(r, w, k, v, a, b, s0, dy, dsT, epp=8):
+def forward_backward(r, w, k, v, a, b, s0, dy, dsT, epp=8, ncb=1):
     """Run the three emulated kernels as the .cpp/.py glue does. Tensors in, float64 tensors out.
-    ``epp`` = elements per 16-byte piece (8 for bf16 inputs, 4 for fp32)."""
+    ``epp`` = elements per 16-byte piece (8 for bf16 inputs, 4 for fp32); ``ncb`` as in bwd_param_kernel."""
     import torch
     B, T, H, N = r.shape
     flat = [x.double().contiguous().reshape(-1).numpy() for x in (r, w, k, v, a, b)]
@@ -293,7 +302,7 @@ def forward_backward(r, w, k, v, a, b, s0, dy, dsT, epp=8):
     dsTf = None if dsT is None else dsT.double().contiguous().reshape(-1).numpy()
     rf, wf, kf, vf, af, bf = flat
     dv, dsa, ds0 = bwd_state_kernel(T, H, B, N, rf, wf, kf, af, bf, dyf, dsTf, epp)
-    dr, dw, dk, da, db = bwd_param_kernel(T, H, B, N, rf, wf, kf, vf, af, bf, dyf, sa, dsa, ckpt, dsTf, epp)
+    dr, dw, dk, da, db = bwd_param_kernel(T, H, B, N, rf, wf, kf, vf, af, bf, dyf, sa, dsa, ckpt, dsTf, epp, ncb)
     shp = (B, T, H, N)
     t = lambda x, s=shp: torch.from_numpy(x).reshape(s)
     ds0_t = t(ds0, (B, H, N, N))
