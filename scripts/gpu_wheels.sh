@@ -3,7 +3,8 @@
 # what it has: torch 2.11 + CUDA 13, triton, transformers, peft, accelerate, huggingface_hub, safetensors, ...).
 # Python 3.12, x86-64, into wheels/ (git-ignored; about 10 MB), for a GPU session to carry and install:
 #   bash scripts/gpu_wheels.sh            # here, with network
-#   bash scripts/gpu_check.sh setup ... # there: installs them (pip --no-index) and puts bitsandbytes on PYTHONPATH
+#   bash scripts/gpu_check.sh [step ...]  # there (carry wheels/): installs them first (pip --no-index) and puts
+#                                        # bitsandbytes on PYTHONPATH
 # bitsandbytes is unpacked and trimmed to its Python files and the CUDA 13 / CPU libraries (43 MB -> about 5 MB).
 # Usage: bash scripts/gpu_wheels.sh [OUT_DIR]
 set -euo pipefail
