@@ -45,16 +45,14 @@ def quoted(path: Union[str, os.PathLike]) -> str:
 
 def resolve_input(spec: Union[str, os.PathLike], arg: str, kind: str = "model") -> Path:
     """The path a MODEL / --adapter / SRC argument names; :class:`UsageError` if it is not there."""
-    from ..paths import ASSETS_PREFIX, HUB_ID, HubError, local_or_hub, resolve_path
+    from ..paths import ASSETS_PREFIX, HubError, local_or_hub, resolve_path
     text = os.fspath(spec)
-    path = resolve_path(text)
+    try:  # models and adapters may also be Hub repository ids (local_or_hub says which reads as one)
+        path = local_or_hub(text) if kind in ("model", "adapter") else resolve_path(text)
+    except HubError as e:
+        raise UsageError(f"{arg} {e}") from None
     if path.exists():
         return path
-    if kind in ("model", "adapter") and HUB_ID.fullmatch(text) and not Path(text).suffix:
-        try:
-            return local_or_hub(text)
-        except HubError as e:
-            raise UsageError(f"{arg} {e}") from None
     if text.startswith(ASSETS_PREFIX):
         from ..recipe import ASSETS_DIR
         have = sorted(f"assets:{p.parent.relative_to(ASSETS_DIR).as_posix()}"
