@@ -7,9 +7,11 @@
 #   5. optionally packed against padded training on short dialogues (issue: >= 3x real tokens/s packed),
 #   6. optionally our training path against fla + peft LoRA at the 1.5B shape (scripts/bench_train.py; TRAIN_ARGS
 #      narrows it, e.g. TRAIN_ARGS="--cases lora,fla-lora --contexts 4096x2").
+#   7. optionally DeepSpeed ZeRO-2/3 through accelerate with the shipped configs: train, checkpoint, resume
+#      (tests/training/test_deepspeed.py, one process per GPU).
 # Wheels the machine lacks come from scripts/gpu_wheels.sh (run it here first; carry wheels/).
 # Results go to $OUT (or ./gpu_results). Usage: OUT=/some/dir bash scripts/gpu_check.sh [step ...]
-# where step is any of: tests sanitizer bench memory packing train (default: tests sanitizer bench).
+# where step is any of: tests sanitizer bench memory packing train deepspeed (default: tests sanitizer bench).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu_results}"
@@ -47,6 +49,8 @@ for step in "${steps[@]}"; do
     train)
       python scripts/bench_train.py ${TRAIN_ARGS:-} --json "$OUT/bench_train.json" 2>&1 \
         | tee "$OUT/bench_train.txt" || status=1 ;;
+    deepspeed)
+      python -m pytest -q -m cuda tests/training/test_deepspeed.py 2>&1 | tee "$OUT/deepspeed.txt" || status=1 ;;
     *) echo "unknown step: $step" >&2; status=2 ;;
   esac
 done

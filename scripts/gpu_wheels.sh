@@ -21,6 +21,15 @@ dl() {
 dl "datasets==5.2.0" dill multiprocess xxhash pydantic pydantic-core annotated-types typing-inspection \
    "flash-linear-attention==0.6.0" "fla-core==0.6.0" einops "pyrwkv-tokenizer>=0.9.1" "gguf>=0.17.1"
 
+# DeepSpeed (ZeRO-2/3 checks) ships a source distribution only: built here into a pure-Python wheel without
+# its compiled ops (DS_BUILD_OPS=0; it compiles what it needs on that machine, which has nvcc), plus what it needs
+dl hjson msgpack psutil py-cpuinfo ninja
+DS_SRC_DIR="$(mktemp -d)"
+python -m pip download -q --disable-pip-version-check --no-deps --no-binary=:all: -d "$DS_SRC_DIR" "deepspeed==0.19.8"
+DS_BUILD_OPS=0 python -m pip wheel -q --disable-pip-version-check --no-deps --no-build-isolation -w "$OUT" \
+  "$DS_SRC_DIR"/deepspeed-*.tar.gz
+rm -rf "$DS_SRC_DIR"
+
 # bitsandbytes: unpack, keep the Python package and the CUDA 13 + CPU libraries only
 BNB_WHEEL_DIR="$(mktemp -d)"
 dl --dest "$BNB_WHEEL_DIR" "bitsandbytes==0.50.2" 2>/dev/null || python -m pip download -q --no-deps \

@@ -37,12 +37,15 @@ def tok_dir(tmp_path, tok):
     return d
 
 
-def launch(recipe, run_name, sets, cwd):
+def launch(recipe, run_name, sets, cwd, config=CONFIG, processes=2, program=(str(CLI),)):
+    """``rwkv-peft train`` through ``accelerate launch --config_file config`` (by default FSDP2 on two CPU
+    processes through the CPU patch; test_deepspeed.py runs ``-m rwkv_peft.cli`` on a GPU)."""
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "TOKENIZERS_PARALLELISM": "false"}
-    cmd = ["accelerate", "launch", "--config_file", str(CONFIG), "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", str(CLI), "train", str(recipe), "--progress", "off",
-           "--set", f"output.run_name={run_name}", *[a for kv in sets for a in ("--set", kv)]]
+    cmd = ["accelerate", "launch", "--config_file", str(config), "--num_processes", str(processes),
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *program, "train",
+           str(recipe), "--progress", "off", "--set", f"output.run_name={run_name}",
+           *[a for kv in sets for a in ("--set", kv)]]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=cwd)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return proc
