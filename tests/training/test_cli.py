@@ -36,13 +36,6 @@ output:
     return path
 
 
-@pytest.fixture
-def tok_dir(tmp_path, tok):
-    d = tmp_path / "tok"
-    tok.save_pretrained(d)
-    return d
-
-
 @pytest.mark.parametrize("command", ["train", "validate", "eval"])
 def test_help(command, capsys):
     with pytest.raises(SystemExit) as info:

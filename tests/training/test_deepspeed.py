@@ -19,13 +19,6 @@ METHODS = {  # state tuning alone goes to DDP under DeepSpeed (test_fsdp.py::tes
 }
 
 
-@pytest.fixture
-def tok_dir(tmp_path, tok):
-    d = tmp_path / "tok"
-    tok.save_pretrained(d)
-    return d
-
-
 @pytest.mark.cuda
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])

@@ -30,13 +30,6 @@ METHODS = {
 }
 
 
-@pytest.fixture
-def tok_dir(tmp_path, tok):
-    d = tmp_path / "tok"
-    tok.save_pretrained(d)
-    return d
-
-
 def launch(recipe, run_name, sets, cwd, config=CONFIG, processes=2, program=(str(CLI),)):
     """``rwkv-peft train`` through ``accelerate launch --config_file config`` (by default FSDP2 on two CPU
     processes through the CPU patch; test_deepspeed.py runs ``-m rwkv_peft.cli`` on a GPU)."""

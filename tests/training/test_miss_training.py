@@ -3,7 +3,6 @@
 import json
 import re
 
-import pytest
 import torch
 
 from rwkv_peft.cli import main
@@ -33,13 +32,6 @@ output:
   dir: {tmp_path}/out
 """)
     return path
-
-
-@pytest.fixture
-def tok_dir(tmp_path, tok):
-    d = tmp_path / "tok"
-    tok.save_pretrained(d)
-    return d
 
 
 def step_losses(err: str):

@@ -24,13 +24,6 @@ CHECKPOINTS = {  # a tiny random .pth of each version, the byte tokenizer's voca
 }
 
 
-@pytest.fixture
-def tok_dir(tmp_path, tok):
-    d = tmp_path / "tok"
-    tok.save_pretrained(d)
-    return d
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CHECKPOINTS))
 def test_train_eval_merge_generate(name, tmp_path, chat_file, tok_dir, capsys):
