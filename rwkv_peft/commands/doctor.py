@@ -29,6 +29,7 @@ def run(args) -> int:
             except RuntimeError as e:
                 name, why = "error", str(e)
             print(f"{title} path on {dev}: {name} ({why})")
+    print(cpu_decoding_line())
     try:
         from ..ops import wkv7_cuda
         describe = getattr(wkv7_cuda, "describe", None) or getattr(wkv7_cuda, "build_info", None)
@@ -37,3 +38,15 @@ def run(args) -> int:
     except ImportError:
         pass
     return 0
+
+
+def cpu_decoding_line() -> str:
+    """What ``chat`` / ``generate --cpu-weights`` can use on this machine's CPU."""
+    import torch
+
+    from ..methods.cpu_decoding import reduce_range_needed
+    engine = torch.backends.quantized.engine
+    if engine not in ("x86", "fbgemm"):
+        return f"CPU decoding (--cpu-weights): fp32 only (PyTorch's quantized engine is {engine!r}, not fbgemm)"
+    bits = 7 if reduce_range_needed() else 8
+    return f"CPU decoding (--cpu-weights): fp32, fp16, int8 (fbgemm; int8 activations in {bits} bits)"

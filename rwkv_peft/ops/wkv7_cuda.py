@@ -38,6 +38,7 @@ MIN_CAPABILITY = (8, 0)                        # cp.async, bf16
 # run (RTX 30/40/50, L40S) and A100; a whole head per block (188,544 / 217,216 bytes) runs where it fits (H100/H200).
 # The launcher chooses from the device's opt-in limit; the other kernels need less (45,056 / 67,584).
 SMEM_BWD = {torch.bfloat16: 71_808, torch.float32: 85_120}
+SMEM_BWD_WHOLE_HEAD = {torch.bfloat16: 188_544, torch.float32: 217_216}
 # The parameter kernel's column split: 0 = chosen from the device (above); 1 or 4 forces it (tests run the split
 # on a GPU that would not need it). Read at each backward.
 PARAM_SPLIT = 0
@@ -253,8 +254,11 @@ def build_info(build: bool = True) -> str:
     lines.append(f"cache: {_cuda_build.cache_root()} (override with ${_cuda_build.CACHE_ENV})")
     if torch.version.cuda is not None and torch.cuda.is_available():
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
-        lines.append(f"GPU: {props.name}, sm_{props.major}{props.minor}, "
-                     f"{getattr(props, 'shared_memory_per_block_optin', 0) // 1024} KiB shared memory per block")
+        optin = getattr(props, "shared_memory_per_block_optin", 0)
+        lines.append(f"GPU: {props.name}, sm_{props.major}{props.minor}, {optin // 1024} KiB shared memory per block")
+        layout = {dt: "a whole head per block" if optin >= need else "each head's columns over four blocks"
+                  for dt, need in SMEM_BWD_WHOLE_HEAD.items()}
+        lines.append(f"backward parameter kernel: {layout[torch.bfloat16]} (bf16), {layout[torch.float32]} (fp32)")
     reason = _static_reason()
     if reason is not None:
         lines.append(f"WKV-7 path: torch (chunked) -- {reason}")

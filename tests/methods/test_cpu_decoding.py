@@ -138,3 +138,13 @@ def test_command_choices_are_the_methods_choices():
     add_placement_arguments(p)
     action = next(a for a in p._actions if a.dest == "cpu_weights")
     assert tuple(action.choices) == methods.CPU_WEIGHTS and action.default == "fp32"
+
+
+def test_doctor_says_what_cpu_decoding_can_use(monkeypatch, capsys):
+    from rwkv_peft.commands.doctor import cpu_decoding_line
+    assert main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    assert "WKV-7 path on cpu: torch" in out and cpu_decoding_line() in out
+    assert cpu_decoding_line().startswith("CPU decoding (--cpu-weights): fp32, fp16, int8")
+    monkeypatch.setattr(torch.backends.quantized, "engine", "qnnpack", raising=False)
+    assert "fp32 only" in cpu_decoding_line() and "'qnnpack'" in cpu_decoding_line()
