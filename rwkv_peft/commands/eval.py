@@ -93,6 +93,10 @@ def run(args) -> int:
 
     try:
         recipe = load_recipe(args.recipe, args.overrides)
+        if recipe.data.format in ("preference", "prompt"):  # DPO / ORPO pairs, GRPO prompts: no next-token targets
+            return fail(f"{args.recipe}: data.format {recipe.data.format} (train.objective "
+                        f"{recipe.train.objective}) has no targets to score a loss on; evaluate the run with "
+                        f"--tasks (lm-eval), or with `rwkv-peft generate --adapter ...` on held-out prompts")
         quiet = (lambda m: print(m, file=sys.stderr))
         tokenizer = load_tokenizer(recipe.model, quiet)
         _, rows = build_datasets(recipe.data, tokenizer, seed=recipe.train.seed, log=quiet)

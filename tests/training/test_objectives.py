@@ -318,3 +318,18 @@ def test_a_bad_reward_function_names_the_key(tmp_path, tiny_model, data, tok):
             quiet(r, tok)
         text = str(info.value)
         assert "grpo.reward_funcs[0]" in text and repr(spec) in text and message in text, text
+
+
+@pytest.mark.parametrize("fmt,objective", [("preference", "dpo"), ("prompt", "grpo")])
+def test_eval_of_a_preference_or_prompt_recipe_says_what_to_use(tmp_path, tiny_model, data, fmt, objective, capsys):
+    """`rwkv-peft eval RECIPE` scores a next-token loss; DPO / ORPO pairs and GRPO prompts have none to score."""
+    from rwkv_peft.cli import main
+    rows = "pref.jsonl" if fmt == "preference" else "prompts.jsonl"
+    path = tmp_path / "r.yaml"
+    path.write_text(f"model: {{path: {tiny_model}, dtype: float32}}\n"
+                    f"data: {{train: {data}/{rows}, format: {fmt}, eval_split: 2}}\n"
+                    f"train: {{objective: {objective}, batch_size: 4}}\n"
+                    + (f"grpo: {{reward_funcs: ['{data}/rewards.py:vowels']}}\n" if objective == "grpo" else ""))
+    assert main(["eval", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"data.format {fmt} (train.objective {objective}) has no targets to score" in err and "--tasks" in err
