@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import inspect
 import json
 import os
 import platform
@@ -41,8 +42,6 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# the official package's side; quality() is shared with ours (the subprocess gets this file's helpers as text)
-QUALITY = r'''
 def quality(logits, ref):
     """logits, ref: [steps, V] decode logits -> relative RMS error, mean KL(ref || logits), top-token agreement"""
     import torch.nn.functional as F
@@ -50,10 +49,11 @@ def quality(logits, ref):
     kl = F.kl_div(logits.log_softmax(-1), ref.log_softmax(-1), log_target=True, reduction="batchmean")
     return {"rel_rms": float((logits - ref).norm() / ref.norm()), "kl": float(kl),
             "top1_agree": float((logits.argmax(-1) == ref.argmax(-1)).double().mean())}
-'''
-exec(QUALITY)  # defines quality() here too
 
-OFFICIAL = QUALITY + r'''
+
+# the official package's side (a subprocess: it picks its architecture from environment variables at import);
+# quality() is shared with ours, its source handed over as text
+OFFICIAL = inspect.getsource(quality) + r'''
 import json, sys, time, torch
 args = json.loads(sys.argv[1])
 torch.set_num_threads(args["threads"])

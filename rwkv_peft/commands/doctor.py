@@ -44,9 +44,9 @@ def cpu_decoding_line() -> str:
     """What ``chat`` / ``generate --cpu-weights`` can use on this machine's CPU."""
     import torch
 
-    from ..methods.cpu_decoding import reduce_range_needed
-    engine = torch.backends.quantized.engine
-    if engine not in ("x86", "fbgemm"):
-        return f"CPU decoding (--cpu-weights): fp32 only (PyTorch's quantized engine is {engine!r}, not fbgemm)"
+    from ..methods.cpu_decoding import fbgemm_engine, reduce_range_needed
+    if not fbgemm_engine():
+        return (f"CPU decoding (--cpu-weights): fp32 only (PyTorch's quantized engine is "
+                f"{torch.backends.quantized.engine!r}, not fbgemm)")
     bits = 7 if reduce_range_needed() else 8
     return f"CPU decoding (--cpu-weights): fp32, fp16, int8 (fbgemm; int8 activations in {bits} bits)"

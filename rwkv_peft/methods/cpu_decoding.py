@@ -42,6 +42,11 @@ class CPUDecodingError(RWKVPeftError, ValueError):
     """Weights that cannot be stored as asked (the engine, the device or the dtype does not allow it)."""
 
 
+def fbgemm_engine() -> bool:
+    """Whether this PyTorch's quantized engine is fbgemm's (x86), which fp16 / int8 weights need."""
+    return torch.backends.quantized.engine in _FBGEMM_ENGINES
+
+
 def reduce_range_needed() -> bool:
     """Whether int8 activations must keep to 7 bits: fbgemm's int8 kernels without VNNI (AVX2) add pairs of
     8-bit products in 16 bits, which can saturate at full range; with VNNI they add in 32 bits. PyTorch's own
@@ -124,11 +129,10 @@ def _big_projection_names(model: nn.Module):
 def _check_packable(model: nn.Module, weights: str) -> None:
     if weights not in CPU_WEIGHTS:
         raise CPUDecodingError(f"--cpu-weights {weights!r}: expected one of {', '.join(CPU_WEIGHTS)}")
-    engine = torch.backends.quantized.engine
-    if engine not in _FBGEMM_ENGINES:
+    if not fbgemm_engine():
         raise CPUDecodingError(
             f"--cpu-weights {weights}: needs PyTorch's fbgemm operators (x86 CPUs); this PyTorch's quantized "
-            f"engine is {engine!r} (available: {', '.join(torch.backends.quantized.supported_engines)}); use "
+            f"engine is {torch.backends.quantized.engine!r} (available: {', '.join(torch.backends.quantized.supported_engines)}); use "
             f"--cpu-weights fp32")
     for name, p in model.named_parameters():
         if p.device.type != "cpu":

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.training.test_cli import write_recipe
-from tests.training.test_fsdp import launch, weights
+from tests.training.test_fsdp import assert_resumed_exactly, launch
 
 ROOT = Path(__file__).resolve().parents[2]
 METHODS = {  # state tuning alone goes to DDP under DeepSpeed (test_fsdp.py::test_state_tuning_alone_is_sent_to_ddp)
@@ -41,9 +41,4 @@ def test_deepspeed_trains_saves_and_resumes_exactly(stage, method, tmp_path, tin
     final = a / ("model" if method == "full" else "adapter")
 
     launch(recipe, "b", METHODS[method] + [f"train.resume={ckpt}"], tmp_path, **run)
-    b = tmp_path / "out" / "b"
-    resumed = json.loads((b / "summary.json").read_text())
-    assert resumed["steps"] == 3 and resumed["final_loss"] == pytest.approx(summary["final_loss"], rel=1e-5)
-    wa, wb = weights(final), weights(b / final.name)
-    assert wa.keys() == wb.keys() and len(wa) > 0
-    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-5
+    assert_resumed_exactly(summary, final, tmp_path / "out" / "b", tol=1e-5)
