@@ -1,149 +1,243 @@
-"""Real tokens per second of training steps on short dialogues: padded rows against packed rows (with resets).
+#!/usr/bin/env python
+"""Real tokens per second of a persona recipe trained on short dialogues: padded rows against packed rows.
 
-A persona recipe trains on short dialogues (tens to a few hundred tokens). Padded, each micro-batch is as long as
-its longest dialogue and the rest is padding; packed (``data.pack: true``, ``pack_state: reset``), rows of
-``--max-length`` tokens hold several dialogues, each starting from the initial state (``position_ids``). Both
-run the training path's model call (``return_logits=False``: chunked loss, forward + backward) on the same
-dialogues, in the same order, with the same number of real tokens; the table gives real (non-padding) tokens per
-second, the padding fraction and the ratio.
+The recipe is run as ``rwkv-peft train`` runs it (``rwkv_peft.training.train``: data through ``datasets`` and the
+World tokenizer, the recipe's method, batch size, accumulation, ``max_length``, precision and checkpointing), on a
+random-weight RWKV-7 of ``--shape`` and synthetic dialogues whose lengths are log-uniform in ``--low``..``--high``
+tokens (most short, a few long). Two layouts of the same dialogues, one epoch each:
+
+- padded (``data.pack: false``): a micro-batch is ``batch_size`` dialogues, right-padded to its longest;
+- packed (``data.pack: true``, ``pack_state: reset``): a micro-batch is ``batch_size`` rows of up to ``max_length``
+  tokens, each holding several dialogues that each start from the initial state.
+
+Before each timed epoch a two-step run of the same layout warms the process up (kernel build or load, allocator,
+cuBLAS). Reported per layout: real (non-padding) tokens trained, seconds, real tokens/s, the padding share of the
+tokens the model ran (from the micro-batches of that epoch) and, on a GPU, the peak allocated memory.
 
 Usage:
-  python scripts/bench_packing.py                                    # tiny shape, CPU-sized
-  python scripts/bench_packing.py --layers 24 --width 2048 --max-length 4096 --samples 512 --device cuda --dtype bfloat16
+  python scripts/bench_packing.py                  # recipes/rwkv7-0.1b-state-persona.yaml on a tiny model, CPU
+  python scripts/bench_packing.py --recipe recipes/rwkv7-1.5b-state-persona.yaml --shape 1.5B --device cuda
 """
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import random
+import sys
+import tempfile
 import time
+from pathlib import Path
 
-import torch
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from bench_memory import SHAPES, write_random_checkpoint  # noqa: E402
+from bench_train import write_tiny_checkpoint  # noqa: E402
+
+WORDS = ["river", "stone", "light", "quiet", "engine", "garden", "paper", "winter", "signal", "harbor", "copper",
+         "meadow", "lantern", "orbit", "velvet", "timber", "canyon", "echo", "marble", "thread"]
+LAYOUTS = ("padded", "packed")
 
 
 def dialogue_lengths(n: int, low: int, high: int, seed: int):
     """Lengths of ``n`` dialogues, log-uniform in [low, high] (most are short, a few long)."""
-    g = torch.Generator().manual_seed(seed)
-    u = torch.rand(n, generator=g)
-    return [int(round(low * (high / low) ** float(x))) for x in u]
+    rng = random.Random(seed)
+    return [int(round(low * (high / low) ** rng.random())) for _ in range(n)]
 
 
-def padded_batches(lengths, batch_size: int):
-    """Micro-batches of ``batch_size`` dialogues, right-padded to the longest: lists of (B, T, real tokens)."""
-    out = []
-    for i in range(0, len(lengths), batch_size):
-        part = lengths[i:i + batch_size]
-        out.append((len(part), max(part), sum(part)))
-    return out
+def write_dialogues(path: Path, lengths, seed: int) -> None:
+    """One persona-format row per length: alternating User / Assistant turns of about ``length`` words in all
+    (a word of ``WORDS`` is one World token; the chat template adds a few tokens per turn)."""
+    rng = random.Random(seed)
+    with path.open("w") as f:
+        for n in lengths:
+            turns, left = [], n
+            while left > 0 or len(turns) % 2:          # end on an assistant turn
+                words = min(max(left, 4), rng.randint(6, 48))
+                role = "user" if len(turns) % 2 == 0 else "assistant"
+                turns.append({"role": role, "content": " ".join(rng.choice(WORDS) for _ in range(words))})
+                left -= words + 4                          # + "User: " / "\n\n" and the like
+            f.write(json.dumps({"messages": turns}) + "\n")
 
 
-def packed_batches(lengths, batch_size: int, max_length: int):
-    """Rows of at most ``max_length`` tokens (greedy, in order), ``batch_size`` rows per micro-batch: lists of
-    (row sample lengths per row)."""
-    rows, cur = [], []
-    for n in lengths:
-        if cur and sum(cur) + n > max_length:
-            rows.append(cur)
-            cur = []
-        cur.append(n)
-    if cur:
-        rows.append(cur)
-    return [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
+def layout_overrides(args, layout: str, checkpoint: Path, data: Path, out: Path, steps=None):
+    """``--set`` overrides that turn the recipe into one benchmark run: our model and data, no evaluation,
+    checkpoints, samples or logs; one epoch (or ``steps`` optimizer steps)."""
+    cuda = args.device != "cpu"
+    sets = [f"model.path={checkpoint}", "model.tokenizer=world", f"data.train={data}", "data.eval_split=0",
+            f"data.pack={'true' if layout == 'packed' else 'false'}", "data.pack_state=reset",
+            "train.epochs=1", "train.eval_every=null", "train.save_every=null", "train.log_every=100000",
+            "train.report_to=[]", "eval.prompts=[]", "eval.at_end=false", f"output.dir={out}",
+            f"output.run_name={layout}-{'warmup' if steps else 'epoch'}", "output.overwrite=true"]
+    if steps:
+        sets.append(f"train.max_steps={steps}")
+    if not cuda:  # the CPU runs the recipe in fp32 (bf16 matmuls are slow there)
+        sets += ["model.dtype=float32", "train.mixed_precision=no"]
+    return sets + list(args.set)
 
 
-def make_model(args):
-    from rwkv_peft.models.rwkv7 import RWKV7Config, RWKV7ForCausalLM
-    cfg = RWKV7Config(vocab_size=args.vocab, hidden_size=args.width, num_hidden_layers=args.layers,
-                      head_size=args.head_size)
-    torch.manual_seed(0)
-    model = RWKV7ForCausalLM(cfg).to(args.device, getattr(torch, args.dtype))
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    return model.train()
+def epoch_tokens(recipe) -> dict:
+    """Real tokens and tokens the model runs (padding included) over one epoch of ``recipe``'s micro-batches,
+    built as the training loop builds them (same rows, same order)."""
+    from rwkv_peft.data import build_datasets
+    from rwkv_peft.training.batches import Stream, batch_of
+    from rwkv_peft.training.setup import load_tokenizer
+    rows, _ = build_datasets(recipe.data, load_tokenizer(recipe.model, log=lambda s: None), seed=recipe.train.seed,
+                             log=lambda s: None)
+    stream = Stream(len(rows), recipe.train.batch_size, 0, 1, recipe.train.seed)
+    real = ran = 0
+    for b in range(stream.batches_per_epoch):
+        batch = batch_of(rows, stream.indices(b))
+        real += int(batch["attention_mask"].sum())
+        ran += batch["input_ids"].numel()
+    lengths = [len(rows[i]["input_ids"]) for i in range(len(rows))]
+    return {"rows": len(rows), "micro_batches": stream.batches_per_epoch, "real": real, "ran": ran,
+            "row_tokens_min": min(lengths), "row_tokens_max": max(lengths)}
 
 
-def step(model, ids, pos, targets):
-    out = model(input_ids=ids, position_ids=pos, shift_labels=targets, num_items_in_batch=1, return_logits=False)
-    out.loss.backward()
+def wkv_pieces(recipe, checkpoint: Path, device: str, repeats: int = 3) -> dict:
+    """The WKV-7 op (forward + backward, the dispatched path) on the first packed micro-batch's samples, gathered
+    into rows of their own: in one call (every sample padded to the longest) against the pieces the model runs
+    (``models.rows.MAX_PIECES``); random inputs of the model's heads, in the recipe's dtype on a GPU."""
+    import torch
+
+    from rwkv_peft.data import build_datasets
+    from rwkv_peft.models import rows as rows_mod
+    from rwkv_peft.models.rwkv7.configuration_rwkv7 import RWKV7Config
+    from rwkv_peft.models.rwkv7.modeling_rwkv7 import _wkv
+    from rwkv_peft.training.batches import Stream, batch_of
+    from rwkv_peft.training.setup import load_tokenizer
+    packed, _ = build_datasets(recipe.data, load_tokenizer(recipe.model, log=lambda s: None),
+                               seed=recipe.train.seed, log=lambda s: None)
+    batch = batch_of(packed, Stream(len(packed), recipe.train.batch_size, 0, 1, recipe.train.seed).indices(0))
+    config = RWKV7Config.from_pretrained(checkpoint)
+    H, N = config.hidden_size // config.head_size, config.head_size
+    (B, T), dev = batch["input_ids"].shape, torch.device(device)
+    dtype = getattr(torch, recipe.model.dtype) if device != "cpu" else torch.float32
+    starts = rows_mod.sample_starts(B, T, position_ids=batch["position_ids"], device=dev)
+    g = torch.Generator().manual_seed(0)
+    x = [torch.randn(B, T, H, N, generator=g) for _ in range(5)]
+    log_w = -torch.rand(B, T, H, N, generator=g)
+    inputs = [t.to(dev, dtype) for t in (x[0], log_w, *x[1:])]          # r, w, k, v, kk, a
+    h0 = torch.zeros(H, N, N, device=dev, requires_grad=True)
+
+    def once(max_pieces: int) -> float:
+        rows_mod.MAX_PIECES = max_pieces
+        ts = []
+        for _ in range(repeats + 1):
+            args = [t.detach().requires_grad_() for t in inputs]
+            _sync(device)
+            t0 = time.perf_counter()
+            r = rows_mod.Rows.of(batch["attention_mask"].to(dev), starts)
+            out, final = r.run_wkv(_wkv, args, None, h0, lambda: torch.zeros(H, N, N, device=dev))
+            (out.float().sum() + final.float().sum()).backward()
+            _sync(device)
+            ts.append(time.perf_counter() - t0)
+        return min(ts[1:])
+
+    default = rows_mod.MAX_PIECES
+    try:
+        one, pieces = once(1), once(default)
+    finally:
+        rows_mod.MAX_PIECES = default
+    seg = rows_mod.Segments(starts, batch["attention_mask"].to(dev))
+    return {"samples": seg.count, "longest": seg.length, "real": int(batch["attention_mask"].sum()),
+            "one_call_s": one, "pieces_s": pieces, "pieces": len(list(seg.pieces()))}
 
 
-def run_padded(model, batches, args):
-    tokens, start = 0, time.perf_counter()
-    for B, T, real in batches:
-        ids = torch.randint(1, args.vocab, (B, T), device=args.device)
-        targets = ids.clone()
-        step(model, ids, None, targets)
-        tokens += real
-    _sync(args.device)
-    return tokens / (time.perf_counter() - start)
-
-
-def run_packed(model, batches, args):
-    tokens, start = 0, time.perf_counter()
-    for rows in batches:
-        T = max(sum(r) for r in rows)
-        ids = torch.randint(1, args.vocab, (len(rows), T), device=args.device)
-        pos = torch.arange(1, T + 1, device=args.device).repeat(len(rows), 1)
-        for b, r in enumerate(rows):
-            t = 0
-            for n in r:
-                pos[b, t:t + n] = torch.arange(n, device=args.device)
-                t += n
-        step(model, ids, pos, ids.clone())
-        tokens += sum(map(sum, rows))
-    _sync(args.device)
-    return tokens / (time.perf_counter() - start)
-
-
-def _sync(device):
-    if str(device).startswith("cuda"):
+def _sync(device: str) -> None:
+    if device != "cpu":
+        import torch
         torch.cuda.synchronize()
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--width", type=int, default=128)
-    p.add_argument("--head-size", type=int, default=64)
-    p.add_argument("--vocab", type=int, default=4096)
-    p.add_argument("--samples", type=int, default=96, help="dialogues per pass")
-    p.add_argument("--low", type=int, default=24, help="shortest dialogue (tokens)")
-    p.add_argument("--high", type=int, default=512, help="longest dialogue (tokens)")
-    p.add_argument("--batch-size", type=int, default=8, help="dialogues per padded micro-batch")
-    p.add_argument("--packed-rows", type=int, default=1, help="rows per packed micro-batch")
-    p.add_argument("--max-length", type=int, default=1024, help="tokens per packed row")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--json", help="write the results here")
-    args = p.parse_args()
+def timed_run(recipe, cuda: bool) -> dict:
+    """Train ``recipe``; real tokens, seconds of the steps and, on a GPU, the peak allocated memory."""
+    import torch
 
-    lengths = dialogue_lengths(args.samples, args.low, args.high, seed=0)
-    padded = padded_batches(lengths, args.batch_size)
-    packed = packed_batches(lengths, args.packed_rows, args.max_length)
-    pad_frac = 1 - sum(lengths) / sum(B * T for B, T, _ in padded)
-    packed_frac = 1 - sum(lengths) / sum(len(r) * max(sum(x) for x in r) for r in packed)
-    model = make_model(args)
-    run_packed(model, packed[:1], args)  # warm-up (kernels, allocator)
-    run_padded(model, padded[:1], args)
-    rates = {"padded": [], "packed": []}
-    for _ in range(args.repeats):
-        rates["padded"].append(run_padded(model, padded, args))
-        rates["packed"].append(run_packed(model, packed, args))
-        model.zero_grad(set_to_none=True)
-    med = {k: statistics.median(v) for k, v in rates.items()}
-    print(f"shape L{args.layers} C{args.width} V{args.vocab} {args.dtype} on {args.device}; {args.samples} dialogues of "
-          f"{args.low}-{args.high} tokens ({sum(lengths)} real tokens)")
-    print(f"{'layout':<8} {'micro-batches':>13} {'padding':>8} {'real tok/s (median)':>20}")
-    print(f"{'padded':<8} {len(padded):>13} {pad_frac:>8.1%} {med['padded']:>20.0f}")
-    print(f"{'packed':<8} {len(packed):>13} {packed_frac:>8.1%} {med['packed']:>20.0f}")
-    print(f"packed / padded: {med['packed'] / med['padded']:.2f}x")
+    from rwkv_peft.training.loop import train
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    result = train(recipe, progress=False, log=lambda s: None)
+    if cuda:
+        torch.cuda.synchronize()
+    return {"steps": result.steps, "tokens": result.tokens, "seconds": result.seconds,
+            "tokens_per_s": result.tokens / result.seconds,
+            "peak_allocated": torch.cuda.max_memory_allocated() if cuda else 0}
+
+
+def run_layout(args, layout: str, checkpoint: Path, data: Path, work: Path) -> dict:
+    from rwkv_peft.recipe import load_recipe
+    cuda = args.device != "cpu"
+    timed_run(load_recipe(args.recipe, layout_overrides(args, layout, checkpoint, data, work, steps=2)), cuda)
+    recipe = load_recipe(args.recipe, layout_overrides(args, layout, checkpoint, data, work))
+    return {**epoch_tokens(recipe), **timed_run(recipe, cuda)}
+
+
+def shown(path: Path) -> str:
+    """``path`` relative to the repository where it lies inside it (no absolute local paths in the output)."""
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return path.name
+
+
+def print_table(args, rows: dict, op: dict) -> None:
+    first = rows["padded"]
+    print(f"{shown(args.recipe)} on a random {args.shape} RWKV-7 ({args.device}); {args.samples} dialogues of "
+          f"{first['row_tokens_min']}-{first['row_tokens_max']} tokens, {first['real']} real tokens")
+    print(f"{'layout':<7} {'micro-batches':>13} {'padding':>8} {'steps':>6} {'seconds':>8} {'real tok/s':>11} "
+          f"{'peak GiB':>9}")
+    for layout, r in rows.items():
+        print(f"{layout:<7} {r['micro_batches']:>13} {1 - r['real'] / r['ran']:>8.1%} {r['steps']:>6} "
+              f"{r['seconds']:>8.2f} {r['tokens_per_s']:>11.0f} {r['peak_allocated'] / 2**30:>9.2f}")
+    print(f"packed / padded: {rows['packed']['tokens_per_s'] / rows['padded']['tokens_per_s']:.2f}x real tokens/s")
+    print(f"WKV op, forward + backward, on the first packed micro-batch ({op['samples']} samples, {op['real']} real "
+          f"tokens, the longest {op['longest']}): one call over the samples padded to the longest "
+          f"{op['one_call_s'] * 1e3:.1f} ms, in {op['pieces']} pieces {op['pieces_s'] * 1e3:.1f} ms")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", type=Path, default=ROOT / "recipes" / "rwkv7-0.1b-state-persona.yaml")
+    p.add_argument("--shape", default="tiny", choices=["tiny", *sorted(SHAPES)], help="the random model's shape")
+    p.add_argument("--samples", type=int, default=96, help="dialogues (one epoch)")
+    p.add_argument("--low", type=int, default=24, help="shortest dialogue (tokens, about)")
+    p.add_argument("--high", type=int, default=512, help="longest dialogue (tokens, about)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a further recipe override for both layouts (repeatable)")
+    p.add_argument("--json", type=Path, help="write the results here")
+    args = p.parse_args(argv)
+    if args.device == "cpu":
+        import os
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the training loop takes a GPU wherever one is visible
+    import datasets
+    import transformers
+    datasets.disable_progress_bars()                # one table, not a progress bar per map and load
+    transformers.utils.logging.disable_progress_bar()
+    work = Path(tempfile.mkdtemp(prefix="rwkv-bench-packing-"))
+    checkpoint = work / f"random_{args.shape}"
+    if args.shape == "tiny":
+        write_tiny_checkpoint(checkpoint)
+    else:
+        write_random_checkpoint(args.shape, checkpoint)
+    data = work / "dialogues.jsonl"
+    write_dialogues(data, dialogue_lengths(args.samples, args.low, args.high, seed=0), seed=0)
+    rows = {layout: run_layout(args, layout, checkpoint, data, work) for layout in LAYOUTS}
+    from rwkv_peft.recipe import load_recipe
+    op = wkv_pieces(load_recipe(args.recipe, layout_overrides(args, "packed", checkpoint, data, work)), checkpoint,
+                    args.device)
+    print_table(args, rows, op)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "rates": rates, "median": med, "padding": pad_frac,
-                       "packed_padding": packed_frac}, f, indent=2)
+        args.json.write_text(json.dumps({"recipe": shown(args.recipe), "shape": args.shape, "device": args.device,
+                                         "samples": args.samples, "low": args.low, "high": args.high,
+                                         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                                         "layouts": rows, "wkv_op": op}, indent=1))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -4,7 +4,8 @@
 #   2. compute-sanitizer memcheck on the small kernel cases,
 #   3. the kernel benchmark (this kernel vs torch chunked vs flash-linear-attention when importable),
 #   4. optionally the memory benchmark for one shape (MEMORY_SHAPES=1.5B, ...),
-#   5. optionally packed against padded training on short dialogues (issue: >= 3x real tokens/s packed),
+#   5. optionally the 1.5B persona recipe trained padded and packed on short dialogues (issue: >= 3x real tokens/s
+#      packed; scripts/bench_packing.py, which also gives the recipe's peak memory),
 #   6. optionally our training path against fla + peft LoRA at the 1.5B shape (scripts/bench_train.py; TRAIN_ARGS
 #      narrows it, e.g. TRAIN_ARGS="--cases lora,fla-lora --contexts 4096x2").
 #   7. optionally DeepSpeed ZeRO-2/3 through accelerate with the shipped configs: train, checkpoint, resume
@@ -43,9 +44,8 @@ for step in "${steps[@]}"; do
           | tee "$OUT/bench_memory_$shape.txt" || status=1
       done ;;
     packing)
-      python scripts/bench_packing.py --layers 24 --width 2048 --vocab 65536 --max-length 4096 --samples 256 \
-        --batch-size 8 --device cuda --dtype bfloat16 --gradient-checkpointing --json "$OUT/bench_packing.json" \
-        2>&1 | tee "$OUT/bench_packing.txt" || status=1 ;;
+      python scripts/bench_packing.py --recipe recipes/rwkv7-1.5b-state-persona.yaml --shape 1.5B --samples 512 \
+        --device cuda --json "$OUT/bench_packing.json" 2>&1 | tee "$OUT/bench_packing.txt" || status=1 ;;
     train)
       python scripts/bench_train.py ${TRAIN_ARGS:-} --json "$OUT/bench_train.json" 2>&1 \
         | tee "$OUT/bench_train.txt" || status=1 ;;

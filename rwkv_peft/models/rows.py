@@ -8,11 +8,13 @@ states go back to zeros, or to the learned states when state tuning is on.
 
 - Token shift: at a start, a token sees the initial shift state instead of the token before it
   (``models.common.token_shift``).
-- WKV: :class:`Segments` gathers each sample's tokens into its own row (``[S, L, ...]``, right-padded, the
-  padding neutral under the version's padding rule), runs the version's WKV op once on all of them with each
-  sample's initial state, and scatters the output back. Any WKV path (PyTorch recurrent or chunked, CUDA) runs
-  it unchanged, and the learned initial state's gradient sums over the samples. Only the WKV inputs are
-  regrouped; the projections run on the packed tokens. Where the op takes packed samples itself (fla's
+- WKV: :class:`Segments` gathers each sample's tokens into its own row (``[S, L, ...]``, longest first,
+  right-padded, the padding neutral under the version's padding rule), runs the version's WKV op on them with
+  each sample's initial state, and scatters the output back. The op runs in at most ``MAX_PIECES`` pieces of
+  ``L`` with the state carried from one to the next, each on the samples still running (a prefix, as they are
+  longest first), so a few long samples do not make every short one pay for their length. Any WKV path
+  (PyTorch recurrent or chunked, CUDA) runs it unchanged, and the learned initial state's gradient sums over
+  the samples. Only the WKV inputs are regrouped; the projections run on the packed tokens. Where the op takes packed samples itself (fla's
   ``cu_seqlens``: RWKV-7 and RWKV-6 on the fla path), the rows are flattened into one instead, with no gather
   and no padding.
 
@@ -52,13 +54,20 @@ def sample_starts(batch: int, length: int, position_ids: Optional[Tensor] = None
     return (pos == 0).expand(batch, length)
 
 
+MAX_PIECES = 8       # WKV calls per layer for packed rows, at most
+PIECE_MULTIPLE = 16  # piece lengths are multiples of this (the chunk of the chunked forms and the kernels)
+
+
 class Segments:
     """Each sample of packed rows as its own row: gather ``[B, T, ...] -> [S, L, ...]`` and back.
 
-    Segments begin at every sample start and at every row's first column; ``L`` is the longest segment.
+    Segments begin at every sample start and at every row's first column; ``L`` is the longest segment up to its
+    last real token (``mask``; the padding after it is gathered but never run). In the gathered layout the
+    segments are sorted longest first (``order``: gathered row -> segment); ``cu_seqlens``,
+    ``initial`` and ``last`` keep the segments' own order (the flattened rows').
     """
 
-    def __init__(self, starts: Tensor):
+    def __init__(self, starts: Tensor, mask: Optional[Tensor] = None):
         B, T = starts.shape
         bound = starts.clone()
         bound[:, 0] = True
@@ -67,21 +76,45 @@ class Segments:
         self.seg = flat.long().cumsum(0) - 1                                     # [B*T] segment of each token
         first = flat.nonzero().squeeze(1)                                        # [S] its first token
         self.offset = torch.arange(B * T, device=starts.device) - first[self.seg]  # [B*T] place in the segment
-        self.count, self.length = first.numel(), int(self.offset.max()) + 1      # S, L
+        self.count = first.numel()                                                # S
         self.row = first // T                                                    # [S]
         self.cu_seqlens = torch.cat([first, first.new_tensor([B * T])])           # [S + 1] over the B*T tokens
         self.continues = (first % T == 0) & ~starts.flatten()[first]            # [S] goes on from the row's state
         self.last = self.seg.view(B, T)[:, -1]                                   # [B] each row's last segment
+        lengths = self.cu_seqlens.diff()                                         # [S] tokens, padding included
+        self.span = int(lengths.max())                                           # the gathered rows' length
+        if mask is not None:  # up to the last real token: the padding after it changes no output nor state
+            ends = (self.offset + 1) * (mask.flatten() != 0)
+            lengths = torch.zeros_like(lengths).scatter_reduce(0, self.seg, ends, "amax")
+        self.order = torch.sort(lengths, descending=True, stable=True).indices    # [S] gathered row -> segment
+        rank = torch.empty_like(self.order)
+        rank[self.order] = torch.arange(self.count, device=rank.device)          # [S] segment -> gathered row
+        self.slot = rank[self.seg]                                               # [B*T] gathered row of each token
+        self.last_slot = rank[self.last]                                         # [B]
+        self.sorted_lengths = lengths[self.order].tolist()                       # the one host sync
+        self.length = max(self.sorted_lengths[0], 1)                             # L: what the op runs over
+
+    def pieces(self):
+        """``(start, stop, running)`` spans of ``L`` for the op calls, ``running`` the number of segments (longest
+        first) with tokens in ``[start, stop)``: at most ``MAX_PIECES`` spans, multiples of ``PIECE_MULTIPLE``."""
+        step = -(-self.length // MAX_PIECES)
+        step = -(-step // PIECE_MULTIPLE) * PIECE_MULTIPLE
+        for start in range(0, self.length, step):
+            running = sum(n > start for n in self.sorted_lengths)
+            if running == 0:
+                return
+            yield start, min(start + step, self.length), running
 
     def gather(self, x: Tensor) -> Tensor:
-        """``[B, T, *rest] -> [S, L, *rest]``, zeros after each segment's end (differentiable)."""
+        """``[B, T, *rest] -> [S, span, *rest]``, longest segment first, zeros after each segment's end
+        (differentiable)."""
         rest = tuple(x.shape[2:])
-        out = x.new_zeros((self.count, self.length) + rest)
-        return out.index_put((self.seg, self.offset), x.flatten(0, 1))
+        out = x.new_zeros((self.count, self.span) + rest)
+        return out.index_put((self.slot, self.offset), x.flatten(0, 1))
 
     def scatter(self, y: Tensor) -> Tensor:
-        """``[S, L, *rest] -> [B, T, *rest]`` (the inverse of ``gather`` on real positions)."""
-        return y[self.seg, self.offset].view(*self.shape, *y.shape[2:])
+        """``[S, span, *rest] -> [B, T, *rest]`` (the inverse of ``gather`` on real positions)."""
+        return y[self.slot, self.offset].view(*self.shape, *y.shape[2:])
 
     def initial(self, row_state: Optional[Tensor], blank: Tensor) -> Tensor:
         """Each segment's initial state ``[S, ...]``: ``blank`` (a sample's start), or the row's incoming state
@@ -91,6 +124,25 @@ class Segments:
             return init
         keep = self.continues.view(-1, *([1] * blank.dim()))
         return torch.where(keep, row_state.to(blank.dtype)[self.row], init)
+
+    def run(self, fn: "WkvFn", tensors: Sequence[Tensor], mask: Tensor, initial: Tensor) -> Tuple[Tensor, Tensor]:
+        """``fn`` over the gathered ``tensors`` ``[S, span, ...]`` and ``mask`` ``[S, span]`` piece by piece (up to
+        ``L``), from ``initial`` ``[S, ...]`` (gathered order): ``(out [S, span, ...], final state [S, ...])``, the
+        output zero where the op did not run."""
+        if self.sorted_lengths[0] == 0:  # nothing real anywhere: one call over the padding (it changes nothing)
+            return fn(tensors, mask, initial)
+        outs, state = [], initial
+        for start, stop, running in self.pieces():
+            out, final = fn([t[:running, start:stop] for t in tensors], mask[:running, start:stop],
+                            state[:running])
+            if running < self.count:  # the segments that have ended keep their final state
+                out = torch.cat([out, out.new_zeros((self.count - running,) + tuple(out.shape[1:]))])
+                final = torch.cat([final, state[running:].to(final.dtype)])
+            outs.append(out)
+            state = final
+        if self.span > self.length:
+            outs.append(outs[0].new_zeros((self.count, self.span - self.length) + tuple(outs[0].shape[2:])))
+        return (torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]), state
 
 
 WkvFn = Callable[..., Tuple[Tensor, Tensor]]  # (tensors, mask, initial_state[, cu_seqlens=]) -> (out, final)
@@ -113,7 +165,7 @@ class Rows:
         if starts is None or not bool(starts.any()):
             return cls(mask=mask)
         first = starts[:, 0] if bool(starts[:, 0].any()) else None
-        segments = Segments(starts) if starts.shape[1] > 1 and bool(starts[:, 1:].any()) else None
+        segments = Segments(starts, mask) if starts.shape[1] > 1 and bool(starts[:, 1:].any()) else None
         return cls(mask=mask, starts=starts, first=first, segments=segments)
 
     def incoming(self, state: Optional[Tensor], blank: Callable[[], Tensor]) -> Optional[Tensor]:
@@ -149,5 +201,6 @@ class Rows:
         if self._seg_mask is None:
             real = self.mask if self.mask is not None else torch.ones(seg.shape, device=tensors[0].device)
             self._seg_mask = seg.gather(real.to(torch.float32)[..., None])[..., 0]              # [S, L]
-        out, final = fn([seg.gather(t) for t in tensors], self._seg_mask, seg.initial(state, blank()))
-        return seg.scatter(out), final[seg.last]
+        out, final = seg.run(fn, [seg.gather(t) for t in tensors], self._seg_mask,
+                             seg.initial(state, blank())[seg.order])
+        return seg.scatter(out), final[seg.last_slot]

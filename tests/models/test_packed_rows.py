@@ -6,6 +6,7 @@ import torch
 
 from rwkv_peft import versions
 from rwkv_peft.convert import load_any
+from rwkv_peft.models import rows
 from tests.factories import make_blinkdl_v7
 from tests.factories_v4 import make_blinkdl_v4
 from tests.factories_v5 import make_blinkdl_v5
@@ -58,8 +59,37 @@ def name(request):
     return request.param
 
 
+@pytest.fixture(params=["one piece", "pieces"])
+def pieces(request, monkeypatch):
+    """The WKV op on the gathered samples in one call, or in pieces of 2 tokens (at most 4 calls) with the state
+    carried between them and the samples that have ended left out."""
+    if request.param == "pieces":
+        monkeypatch.setattr(rows, "PIECE_MULTIPLE", 2)
+        monkeypatch.setattr(rows, "MAX_PIECES", 4)
+    return request.param
+
+
+def test_segments_run_longest_first_in_pieces(monkeypatch):
+    monkeypatch.setattr(rows, "PIECE_MULTIPLE", 2)
+    monkeypatch.setattr(rows, "MAX_PIECES", 4)
+    _, ids, pos, mask = _packed(LENGTHS)
+    starts = rows.sample_starts(*ids.shape, position_ids=pos)
+    seg = rows.Segments(starts)
+    assert seg.sorted_lengths == [9, 9, 7, 5, 3, 1]  # the second row's last sample holds its 3 padding tokens
+    assert seg.order[:2].tolist() == [1, 5] and seg.length == seg.span == 9
+    seg = rows.Segments(starts, mask)                # the padding after a segment's last real token is not run
+    assert seg.sorted_lengths == [9, 7, 6, 5, 3, 1] and seg.order.tolist() == [1, 3, 5, 0, 2, 4]
+    assert list(seg.pieces()) == [(0, 4, 6), (4, 8, 4), (8, 9, 1)]
+    x = torch.arange(ids.numel(), dtype=torch.float32).view(*ids.shape, 1)
+    gathered = seg.gather(x)                                               # [S, span = 9, 1]
+    assert gathered.shape == (6, 9, 1) and gathered[0, :, 0].tolist() == list(range(5, 14))
+    assert gathered[2, :, 0].tolist() == list(range(25, 34))               # 6 real, then the row's padding
+    assert gathered[5, 1:].abs().sum() == 0
+    assert torch.equal(seg.scatter(gathered), x)
+
+
 @pytest.mark.parametrize("learned", [False, True])
-def test_packed_logits_equal_each_sample_alone(name, learned, tmp_path):
+def test_packed_logits_equal_each_sample_alone(name, learned, pieces, tmp_path):
     if learned and not versions.by_name(name).state_tuning:
         pytest.skip(f"{name} has no learned initial state")
     model = _model(name, tmp_path, learned)
@@ -93,7 +123,7 @@ def test_position_ids_counting_up_change_nothing(name, tmp_path):
     assert torch.equal(plain, counted)
 
 
-def test_packed_gradients_are_the_sum_over_samples(name, tmp_path):
+def test_packed_gradients_are_the_sum_over_samples(name, pieces, tmp_path):
     learned = versions.by_name(name).state_tuning
     model = _model(name, tmp_path, learned).train()
     samples, ids, pos, mask = _packed(LENGTHS, seed=1)
