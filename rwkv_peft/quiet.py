@@ -11,6 +11,7 @@ from contextlib import contextmanager
 
 BNB_KERNELS_HUB = ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward from kernels-community")
 BNB_INT8_CAST = ("bitsandbytes.autograd._functions", "MatMul8bitLt: inputs will be cast from ")
+DEEPSPEED_CPU = ("DeepSpeed", "Setting accelerator to CPU. If you have GPU or other accelerator")
 PEFT_IS_GC_MESSAGE = r"`is_gradient_checkpointing` is deprecated"
 TORCH_SCRIPT_METHOD_MESSAGE = r"`torch\.jit\.script_method` is deprecated"
 
@@ -52,6 +53,17 @@ def silence_bitsandbytes_notices() -> None:
         drop_log_message(logger_name, prefix)
 
 
+def silence_deepspeed_cpu_notice() -> None:
+    """Drop DeepSpeed's (0.19) "Setting accelerator to CPU. If you have GPU or other accelerator, we were unable
+    to detect it." (logger ``DeepSpeed``, WARNING), logged when ``deepspeed`` is first imported where no GPU is.
+
+    Where DeepSpeed is installed, accelerate's ``unwrap_model`` imports it on every run (to recognise a
+    DeepSpeed engine), so every CPU run printed it at the end, DeepSpeed used or not; the CPU is the right
+    accelerator there, and nothing is left for the user to do.
+    """
+    drop_log_message(*DEEPSPEED_CPU)
+
+
 def preimport_torch_mkldnn() -> None:
     """Import ``torch.utils.mkldnn`` once with its "DeprecationWarning: `torch.jit.script_method` is deprecated.
     Please switch to `torch.compile` or `torch.export`." ignored.
@@ -88,4 +100,5 @@ def peft_wrapping():
 def install() -> None:
     """The process-wide part, run once when ``rwkv_peft`` is imported (before peft or bitsandbytes are)."""
     silence_bitsandbytes_notices()
+    silence_deepspeed_cpu_notice()
     preimport_torch_mkldnn()

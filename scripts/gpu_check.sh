@@ -19,12 +19,18 @@ OUT="${OUT:-gpu_results}"
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" RWKV_PEFT_KERNEL_CACHE="${RWKV_PEFT_KERNEL_CACHE:-$PWD/.kernel_cache}"
 if [ -d wheels ]; then  # what scripts/gpu_wheels.sh fetched beforehand (the machine has no network)
-  python -m pip install -q --no-index --no-deps wheels/*.whl 2>&1 | tail -2
-  export PYTHONPATH="$PWD/wheels/bnb:$PYTHONPATH"
+  # into a folder of our own put first on PYTHONPATH (child processes and accelerate's ranks inherit it): the
+  # machine's environment is left as it is, and a read-only one works too
+  python -m pip install -q --disable-pip-version-check --no-index --no-deps --target "$PWD/.gpu_site" \
+    wheels/*.whl 2>&1 | tail -2
+  export PYTHONPATH="$PWD/.gpu_site:$PWD/wheels/bnb:$PYTHONPATH"
+  python -c "import datasets, pydantic, bitsandbytes, deepspeed; print('wheels: datasets', datasets.__version__,
+    'pydantic', pydantic.__version__, 'bitsandbytes', bitsandbytes.__version__, 'deepspeed', deepspeed.__version__)" \
+    2>&1 | tail -3 | tee -a "$OUT/gpu.txt"
 fi
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(tests sanitizer bench)
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee -a "$OUT/gpu.txt"
 python -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
 status=0
 for step in "${steps[@]}"; do

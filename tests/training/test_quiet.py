@@ -84,10 +84,12 @@ def test_lora_on_a_checkpointed_model_trains_without_future_warning(version):
     (quiet.BNB_KERNELS_HUB[0], "Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure "
                                "you already `pip install kernels` and the kernels >= 0.11.1"),
     (quiet.BNB_INT8_CAST[0], "MatMul8bitLt: inputs will be cast from %s to float16 during quantization"),
+    (quiet.DEEPSPEED_CPU[0], "Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to "
+                             "detect it. %s"),
 ])
-def test_the_bitsandbytes_filters_drop_only_their_message(logger_name, message):
-    quiet.silence_bitsandbytes_notices()
-    quiet.silence_bitsandbytes_notices()  # idempotent
+def test_the_log_filters_drop_only_their_message(logger_name, message):
+    quiet.install()
+    quiet.install()  # idempotent
     logger = logging.getLogger(logger_name)
     assert sum(isinstance(f, quiet._DropMessage) for f in logger.filters) == 1
 
@@ -95,7 +97,7 @@ def test_the_bitsandbytes_filters_drop_only_their_message(logger_name, message):
         return bool(logger.filter(logging.LogRecord(logger_name, logging.WARNING, __file__, 1, msg, args, None)))
 
     assert not passes(message, "torch.float32")
-    assert passes("Some other bitsandbytes warning about %s", "torch.float32")
+    assert passes("Some other warning about %s", "torch.float32")
 
 
 def test_peft_wrapping_hides_only_the_is_gradient_checkpointing_notice():
