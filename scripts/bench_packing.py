@@ -77,15 +77,21 @@ def layout_overrides(args, layout: str, checkpoint: Path, data: Path, out: Path,
     return sets + list(args.set)
 
 
-def epoch_tokens(recipe) -> dict:
-    """Real tokens and tokens the model runs (padding included) over one epoch of ``recipe``'s micro-batches,
-    built as the training loop builds them (same rows, same order)."""
+def micro_batches(recipe):
+    """``(rows, stream)``: the recipe's training rows and micro-batch order, built as the training loop builds
+    them (``batch_of(rows, stream.indices(b))`` is micro-batch ``b``)."""
     from rwkv_peft.data import build_datasets
-    from rwkv_peft.training.batches import Stream, batch_of
+    from rwkv_peft.training.batches import Stream
     from rwkv_peft.training.setup import load_tokenizer
     rows, _ = build_datasets(recipe.data, load_tokenizer(recipe.model, log=lambda s: None), seed=recipe.train.seed,
                              log=lambda s: None)
-    stream = Stream(len(rows), recipe.train.batch_size, 0, 1, recipe.train.seed)
+    return rows, Stream(len(rows), recipe.train.batch_size, 0, 1, recipe.train.seed)
+
+
+def epoch_tokens(recipe) -> dict:
+    """Real tokens and tokens the model runs (padding included) over one epoch of ``recipe``'s micro-batches."""
+    from rwkv_peft.training.batches import batch_of
+    rows, stream = micro_batches(recipe)
     real = ran = 0
     for b in range(stream.batches_per_epoch):
         batch = batch_of(rows, stream.indices(b))
@@ -102,15 +108,12 @@ def wkv_pieces(recipe, checkpoint: Path, device: str, repeats: int = 3) -> dict:
     (``models.rows.MAX_PIECES``); random inputs of the model's heads, in the recipe's dtype on a GPU."""
     import torch
 
-    from rwkv_peft.data import build_datasets
     from rwkv_peft.models import rows as rows_mod
     from rwkv_peft.models.rwkv7.configuration_rwkv7 import RWKV7Config
     from rwkv_peft.models.rwkv7.modeling_rwkv7 import _wkv
-    from rwkv_peft.training.batches import Stream, batch_of
-    from rwkv_peft.training.setup import load_tokenizer
-    packed, _ = build_datasets(recipe.data, load_tokenizer(recipe.model, log=lambda s: None),
-                               seed=recipe.train.seed, log=lambda s: None)
-    batch = batch_of(packed, Stream(len(packed), recipe.train.batch_size, 0, 1, recipe.train.seed).indices(0))
+    from rwkv_peft.training.batches import batch_of
+    packed, stream = micro_batches(recipe)
+    batch = batch_of(packed, stream.indices(0))
     config = RWKV7Config.from_pretrained(checkpoint)
     H, N = config.hidden_size // config.head_size, config.head_size
     (B, T), dev = batch["input_ids"].shape, torch.device(device)

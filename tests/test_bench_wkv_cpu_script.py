@@ -29,8 +29,8 @@ def _bench():
 @pytest.mark.slow  # nine fresh processes importing torch: 20-100 s on the shared 2-core VM
 def test_tiny_run_writes_json(tmp_path, capsys):
     out_json = tmp_path / "bench.json"
-    argv = ["--T", "20,40", "--heads", "2", "--head-size", "8", "--chunk-size", "4", "--repeats", "1",
-            "--threads", "1", "--json", str(out_json)]
+    argv = ["--T", "20,40", "--versions", "v7", "--heads", "2", "--head-size", "8", "--chunk-size", "4",
+            "--repeats", "1", "--threads", "1", "--json", str(out_json)]  # v6 runs in test_ops_dir_measures_a_copy
     code = _bench().main(argv)
     text = capsys.readouterr().out
     assert code == 0, text
@@ -38,7 +38,7 @@ def test_tiny_run_writes_json(tmp_path, capsys):
     data = json.loads(out_json.read_text())
     assert data["meta"]["threads"] == 1 and data["meta"]["date"] and data["meta"]["ops"] == "rwkv_peft.ops"
     rows = data["results"]
-    assert [(r["version"], r["T"]) for r in rows] == [("v7", 20), ("v7", 40), ("v6", 20), ("v6", 40)]
+    assert [(r["version"], r["T"]) for r in rows] == [("v7", 20), ("v7", 40)]
     for r in rows:
         for mode in ("fwd", "fwdbwd"):
             m = r[mode]
@@ -47,7 +47,7 @@ def test_tiny_run_writes_json(tmp_path, capsys):
                 (r["version"], mode, r["T"], 2, 8, 4)
             assert m["tokens_per_s"] > 0 and m["tokens_per_cpu_s"] > 0 and len(m["times_s"]) == 1
             assert 0 < m["baseline_rss"] <= m["peak_rss"]
-    assert rows[0]["fwdbwd_vs_smallest_T"] == 1.0 and rows[2]["fwdbwd_vs_smallest_T"] == 1.0
+    assert rows[0]["fwdbwd_vs_smallest_T"] == 1.0 and rows[1]["fwdbwd_vs_smallest_T"] > 0
 
 
 @pytest.mark.slow
