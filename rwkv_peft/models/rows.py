@@ -14,9 +14,9 @@ states go back to zeros, or to the learned states when state tuning is on.
   ``L`` with the state carried from one to the next, each on the samples still running (a prefix, as they are
   longest first), so a few long samples do not make every short one pay for their length. Any WKV path
   (PyTorch recurrent or chunked, CUDA) runs it unchanged, and the learned initial state's gradient sums over
-  the samples. Only the WKV inputs are regrouped; the projections run on the packed tokens. Where the op takes packed samples itself (fla's
-  ``cu_seqlens``: RWKV-7 and RWKV-6 on the fla path), the rows are flattened into one instead, with no gather
-  and no padding.
+  the samples. Only the WKV inputs are regrouped; the projections run on the packed tokens. Where the op takes
+  packed samples itself (fla's ``cu_seqlens``: RWKV-7 and RWKV-6 on the fla path), the rows are flattened into
+  one instead, with no gather and no padding.
 
 A start in a row's first column resets that row's incoming state (``state=``); a row's first sample continues
 from it otherwise (a long packed row run in chunks, whose chunk begins inside a sample). The state handed back
@@ -200,7 +200,7 @@ class Rows:
             return out.view(B, T, *out.shape[2:]), final[seg.last]
         if self._seg_mask is None:
             real = self.mask if self.mask is not None else torch.ones(seg.shape, device=tensors[0].device)
-            self._seg_mask = seg.gather(real.to(torch.float32)[..., None])[..., 0]              # [S, L]
+            self._seg_mask = seg.gather(real.to(torch.float32)[..., None])[..., 0]              # [S, span]
         out, final = seg.run(fn, [seg.gather(t) for t in tensors], self._seg_mask,
                              seg.initial(state, blank())[seg.order])
         return seg.scatter(out), final[seg.last_slot]
